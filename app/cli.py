@@ -1,0 +1,394 @@
+"""The `prefloop` command line: a thin layer over store, labeling and tuning."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from store.errors import PrefloopError
+
+DEMO_DATA = Path(__file__).resolve().parent.parent / "labeling" / "data"
+
+
+def _ws(args: argparse.Namespace):
+    from store.db import workspace
+
+    return workspace(args.workspace)
+
+
+def _print_table(df, as_json: bool) -> None:
+    if as_json:
+        print(df.to_json(orient="records", date_format="iso", default_handler=str))
+    elif df.empty:
+        print("(none)")
+    else:
+        import pandas as pd
+
+        with pd.option_context(
+            "display.max_columns", None, "display.width", 200, "display.max_colwidth", 60
+        ):
+            print(df.to_string(index=False))
+
+
+def cmd_init(args: argparse.Namespace) -> None:
+    from store.db import create
+    from tuning.models_cache import DEFAULT_MODEL
+
+    root = args.workspace or os.environ.get("PREFLOOP_WORKSPACE") or "."
+    ws = create(root, args.model or DEFAULT_MODEL)
+    print(f"created workspace {ws.root} (base model: {args.model or DEFAULT_MODEL})")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from labeling.ingest import import_prompts
+    from store.db import DB_NAME, create
+    from tuning.config import SamplingConfig
+    from tuning.jobs import sample_job
+    from tuning.models_cache import DEFAULT_MODEL, ensure_default_model
+
+    root = Path(args.workspace or os.environ.get("PREFLOOP_WORKSPACE") or "demo-workspace")
+    if (root / DB_NAME).exists():
+        print(f"demo workspace {root} exists already; keeping it")
+        return
+    ensure_default_model()
+    ws = create(root, DEFAULT_MODEL)
+    import_prompts(ws, DEMO_DATA / "demo_prompts.jsonl", "train")
+    import_prompts(ws, DEMO_DATA / "demo_prompts_heldout.jsonl", "heldout")
+    cfg = SamplingConfig(k=args.k, max_new_tokens=args.max_new_tokens, seed=0)
+    round_id = sample_job(ws, cfg, None)
+    print(f"demo workspace {ws.root}: 40 train + 10 held-out prompts, round {round_id} sampled")
+
+
+def cmd_prompts_import(args: argparse.Namespace) -> None:
+    from labeling.ingest import import_prompts
+
+    report = import_prompts(_ws(args), Path(args.file), args.split)
+    print(
+        f"imported {report.stored} prompts into {args.split}; "
+        f"skipped {report.duplicates} duplicates"
+    )
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from tuning.config import SamplingConfig
+    from tuning.jobs import sample_job
+
+    cfg = SamplingConfig(
+        k=args.k,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        split=args.split,
+        limit=args.limit,
+        prompts_per_batch=args.prompts_per_batch,
+    )
+    ws = _ws(args)
+    round_id = sample_job(ws, cfg, args.model, show_progress=not args.json)
+    if args.json:
+        from store import db, rounds
+
+        with db.connect(ws, read_only=False) as con:
+            info = rounds.get_round(con, round_id)
+        print(
+            json.dumps({k: (str(v) if k == "created" else v) for k, v in info.items()}, default=int)
+        )
+    else:
+        print(round_id)
+
+
+def cmd_groups_export(args: argparse.Namespace) -> None:
+    from labeling.exporting import group_rows
+    from store import db, rounds
+    from store.exports import write_rows
+
+    with db.connect(_ws(args)) as con:
+        round_id = args.round if args.round is not None else rounds.latest_round(con)
+        if round_id is None:
+            raise PrefloopError("the workspace has no rounds yet; run `prefloop sample` first")
+        groups = rounds.groups(con, round_id=round_id, pending=args.pending)
+    rows = group_rows(groups)
+    write_rows(rows, Path(args.out))
+    print(f"wrote {len(rows)} groups of round {round_id} to {args.out}")
+
+
+def cmd_groups_import(args: argparse.Namespace) -> None:
+    from labeling.ingest import import_ranked_groups
+
+    round_id, report = import_ranked_groups(_ws(args), Path(args.file), args.split)
+    print(f"imported {report.stored} ranked groups as round {round_id}")
+
+
+def cmd_pairs_import(args: argparse.Namespace) -> None:
+    from labeling.ingest import import_pairs
+
+    round_id, report = import_pairs(_ws(args), Path(args.file), args.split)
+    print(f"imported {report.stored} pairs as groups of two in round {round_id}")
+    for reason, n in sorted(report.skipped.items()):
+        print(f"  skipped {n} rows: {reason}")
+
+
+def cmd_labels_import(args: argparse.Namespace) -> None:
+    from labeling.ingest import import_labels
+
+    n = import_labels(_ws(args), Path(args.file))
+    print(f"imported {n} labels")
+
+
+def cmd_tune(args: argparse.Namespace) -> None:
+    from tuning.config import DPOConfig, LoraSettings
+    from tuning.jobs import tune_job
+
+    cfg = DPOConfig(
+        beta=args.beta,
+        epochs=args.epochs,
+        lr=args.lr,
+        max_length=args.max_length,
+        groups_per_step=args.groups_per_step,
+        seed=args.seed,
+        lora=LoraSettings(
+            r=args.lora_r,
+            alpha=args.lora_alpha,
+            target_modules=[m.strip() for m in args.target_modules.split(",") if m.strip()],
+        ),
+    )
+    version = tune_job(
+        _ws(args),
+        cfg,
+        method=args.method,
+        from_version=getattr(args, "from"),
+        dataset_id=args.dataset,
+        show_progress=not args.quiet,
+    )
+    print(version)
+
+
+def cmd_dataset_freeze(args: argparse.Namespace) -> None:
+    from labeling.curation import freeze_dataset
+
+    rounds = [int(r) for r in args.rounds.split(",")] if args.rounds else None
+    print(freeze_dataset(_ws(args), args.split, rounds))
+
+
+def cmd_list(what: str):
+    def run(args: argparse.Namespace) -> None:
+        from store import datasets, db, models, rounds, runs
+
+        ws = _ws(args)
+        with db.connect(ws) as con:
+            if what == "models":
+                df = models.list_versions(con)
+                df.insert(3, "base_path", [_local_path(b) for b in df["base_model"]])
+            elif what == "rounds":
+                df = rounds.list_rounds(con)
+            elif what == "datasets":
+                df = datasets.list_datasets(con)
+            else:
+                df = runs.list_runs(con)
+            if what == "models":
+                base = models.base_model(con)
+        if what == "models":
+            import pandas as pd
+
+            head = pd.DataFrame(
+                [
+                    {
+                        "id": "base",
+                        "parent": None,
+                        "base_model": base,
+                        "base_path": _local_path(base),
+                        "method": "base",
+                    }
+                ]
+            )
+            df = pd.concat([head, df], ignore_index=True) if not df.empty else head
+        _print_table(df, args.json)
+
+    return run
+
+
+def _local_path(base: str) -> str | None:
+    from tuning.models_cache import DEFAULT_MODEL, cache_dir
+
+    if base == DEFAULT_MODEL:
+        return str(cache_dir() / "models" / DEFAULT_MODEL)
+    return str(Path(base).resolve()) if Path(base).exists() else None
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from labeling.exporting import export_dataset
+
+    path, n = export_dataset(_ws(args), args.format, Path(args.out), args.dataset)
+    print(f"wrote {n} rows to {path} (card: {path.parent / 'README.md'})")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    ws = _ws(args)
+    script = Path(__file__).resolve().parent / "streamlit_app.py"
+    env = {**os.environ, "PREFLOOP_WORKSPACE": str(ws.root)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(script),
+        "--server.port",
+        str(args.port),
+        "--server.address",
+        args.address,
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+    ]
+    print(f"serving {ws.root} at http://{args.address}:{args.port}", flush=True)
+    raise SystemExit(subprocess.call(cmd, env=env))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--workspace",
+        "-w",
+        metavar="DIR",
+        help="workspace folder (default: $PREFLOOP_WORKSPACE or the current folder)",
+    )
+    parser = argparse.ArgumentParser(
+        prog="prefloop",
+        description="Human-in-the-loop preference labeling and LoRA DPO tuning.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, func, help_, parent=sub):
+        p = parent.add_parser(name, parents=[common], help=help_, description=help_)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("init", cmd_init, "create a workspace (database + artifacts folders)")
+    p.add_argument(
+        "--model", help="base model: Hugging Face id or local path (default: SmolLM2-135M-Instruct)"
+    )
+
+    p = add("demo", cmd_demo, "create a demo workspace with built-in prompts and sample round 1")
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+
+    prompts = sub.add_parser("prompts", help="manage prompts").add_subparsers(
+        dest="sub", required=True, metavar="SUBCOMMAND"
+    )
+    p = add("import", cmd_prompts_import, "import prompts from JSONL, CSV or Parquet", prompts)
+    p.add_argument("file")
+    p.add_argument("--split", default="train", choices=["train", "heldout"])
+
+    p = add("sample", cmd_sample, "sample a new round: K candidates per prompt")
+    p.add_argument(
+        "--model",
+        metavar="VERSION",
+        help="model version to sample from ('base' = the base model; default: newest)",
+    )
+    p.add_argument("--split", default="train", choices=["train", "heldout"])
+    p.add_argument("--k", type=int, default=4, help="candidates per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, help="sample only the first N prompts of the split")
+    p.add_argument("--prompts-per-batch", type=int, default=8)
+    p.add_argument("--json", action="store_true", help="print a JSON summary of the round")
+
+    groups = sub.add_parser("groups", help="export or import groups").add_subparsers(
+        dest="sub", required=True, metavar="SUBCOMMAND"
+    )
+    p = add("export", cmd_groups_export, "write a round's groups as JSONL for ranking", groups)
+    p.add_argument("--round", type=int, help="round id (default: newest)")
+    p.add_argument("--pending", action="store_true", help="only groups nobody has labelled")
+    p.add_argument("--out", required=True, metavar="FILE.jsonl")
+    p = add("import", cmd_groups_import, "import ranked lists (prompt, completions, ranks)", groups)
+    p.add_argument("file")
+    p.add_argument("--split", default="train", choices=["train", "heldout"])
+
+    labels = sub.add_parser("labels", help="import labels").add_subparsers(
+        dest="sub", required=True, metavar="SUBCOMMAND"
+    )
+    p = add("import", cmd_labels_import, "import rankings from JSONL (all rows or none)", labels)
+    p.add_argument("file")
+
+    pairs = sub.add_parser("pairs", help="import preference pairs").add_subparsers(
+        dest="sub", required=True, metavar="SUBCOMMAND"
+    )
+    p = add(
+        "import",
+        cmd_pairs_import,
+        "import TRL-format pairs or Anthropic HH-RLHF files as groups of two",
+        pairs,
+    )
+    p.add_argument("file")
+    p.add_argument("--split", default="train", choices=["train", "heldout"])
+
+    p = add("tune", cmd_tune, "train a LoRA adapter on the labelled groups")
+    p.add_argument("--method", default="dpo", choices=["dpo"])
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-alpha", type=int, default=32)
+    p.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--groups-per-step", type=int, default=4)
+    p.add_argument("--from", metavar="VERSION", help="continue training this version's adapter")
+    p.add_argument(
+        "--dataset",
+        metavar="VERSION",
+        help="train on this dataset version (default: freeze the current labels)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    ds = sub.add_parser("dataset", help="dataset versions").add_subparsers(
+        dest="sub", required=True, metavar="SUBCOMMAND"
+    )
+    p = add("freeze", cmd_dataset_freeze, "freeze labelled groups into a dataset version", ds)
+    p.add_argument("--split", default="train", choices=["train", "heldout"])
+    p.add_argument("--rounds", help="comma-separated round ids (default: all)")
+    p = add("list", cmd_list("datasets"), "list dataset versions", ds)
+    p.add_argument("--json", action="store_true")
+
+    for name, what in (("models", "models"), ("rounds", "rounds"), ("runs", "runs")):
+        grp = sub.add_parser(name, help=f"list {what}").add_subparsers(
+            dest="sub", required=True, metavar="SUBCOMMAND"
+        )
+        p = add("list", cmd_list(what), f"list {what}", grp)
+        p.add_argument("--json", action="store_true")
+
+    p = add("export", cmd_export, "export a dataset version for TRL / datasets")
+    p.add_argument("--format", required=True, choices=["pairs", "listwise"])
+    p.add_argument("--dataset", metavar="VERSION", help="dataset version (default: newest)")
+    p.add_argument("--out", required=True, metavar="FILE.jsonl|FILE.parquet")
+
+    p = add("serve", cmd_serve, "serve the web app (annotator and researcher pages)")
+    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--address", default="localhost")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run one subcommand; user errors print without a traceback."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except PrefloopError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,114 @@
+"""Exporting a dataset version in TRL's preference format (pairs) or as ranked lists."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from labeling.curation import snapshot_records
+from labeling.ranking import ordered_pairs, tiers_to_ranks
+from store import datasets
+from store import db as storedb
+from store.errors import PrefloopError
+from store.exports import write_card, write_rows
+from store.rounds import GroupRecord
+
+FORMATS = ("pairs", "listwise")
+
+
+def _prompt_fields(record: dict, conversational: bool) -> object:
+    if not conversational:
+        return record["prompt"]
+    return record["messages"] or [{"role": "user", "content": record["prompt"]}]
+
+
+def pair_rows(records: list[dict]) -> list[dict]:
+    """TRL preference rows: prompt/chosen/rejected, conversational when any prompt has messages."""
+    conversational = any(r["messages"] for r in records)
+    rows = []
+    for r in records:
+        prompt = _prompt_fields(r, conversational)
+        for a, b in ordered_pairs(r["ranking"]):
+            chosen, rejected = r["texts"][a], r["texts"][b]
+            if conversational:
+                chosen = [{"role": "assistant", "content": chosen}]
+                rejected = [{"role": "assistant", "content": rejected}]
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def listwise_rows(records: list[dict]) -> list[dict]:
+    """Ranked lists: prompt (or messages), completions, ranks (1 = best, equal = tie)."""
+    conversational = any(r["messages"] for r in records)
+    key = "messages" if conversational else "prompt"
+    return [
+        {
+            key: _prompt_fields(r, conversational),
+            "completions": list(r["texts"]),
+            "ranks": tiers_to_ranks(r["ranking"], len(r["texts"])),
+        }
+        for r in records
+    ]
+
+
+def group_rows(groups: list[GroupRecord]) -> list[dict]:
+    """Groups for ranking outside the app: group_id, round, prompt, candidates (id, text)."""
+    return [
+        {
+            "group_id": g.group_id,
+            "round": g.round_id,
+            "prompt": g.prompt,
+            **({"messages": g.messages} if g.messages else {}),
+            "candidates": [
+                {"id": i, "text": t} for i, t in zip(g.candidate_ids, g.texts, strict=True)
+            ],
+        }
+        for g in groups
+    ]
+
+
+def card_text(info: dict, fmt: str, out: Path, n_rows: int, records: list[dict]) -> str:
+    """The dataset card: what the file holds and where it came from."""
+    versions = sorted({str(r["model_version"]) for r in records if r["model_version"]})
+    load = "json" if out.suffix == ".jsonl" else "parquet"
+    return f"""# prefloop preference dataset `{info["id"]}`
+
+- file: `{out.name}` ({fmt}, {n_rows} rows)
+- dataset version: `{info["id"]}` (sha256 `{info["content_hash"]}`)
+- groups: {info["n_groups"]}; ordered pairs: {info["n_pairs"]}
+- rounds: {", ".join(str(r) for r in info["rounds"])}
+- model versions that sampled the candidates: {", ".join(versions) or "outside data only"}
+- filters: `{info["filters"]}`
+- exported: {dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+Format: {
+        "TRL preference (`prompt`, `chosen`, `rejected`)"
+        if fmt == "pairs"
+        else "ranked lists (`prompt` or `messages`, `completions`, `ranks`; 1 = best, equal = tie)"
+    }.
+
+```python
+from datasets import load_dataset
+ds = load_dataset("{load}", data_files="{out.name}", split="train")
+```
+"""
+
+
+def export_dataset(
+    ws: storedb.Workspace, fmt: str, out: Path, dataset_id: str | None = None
+) -> tuple[Path, int]:
+    """Write a dataset version (default: the newest) to out with a card; returns (path, rows)."""
+    if fmt not in FORMATS:
+        raise PrefloopError(f"unknown export format {fmt!r}; use one of: {', '.join(FORMATS)}")
+    with storedb.connect(ws) as con:
+        dataset_id = dataset_id or datasets.latest_dataset(con)
+        if dataset_id is None:
+            raise PrefloopError(
+                "no dataset version yet: run `prefloop dataset freeze` or `prefloop tune` first"
+            )
+        info = datasets.get_dataset(con, dataset_id)
+    records = snapshot_records(datasets.read_snapshot(ws, info))
+    rows = pair_rows(records) if fmt == "pairs" else listwise_rows(records)
+    path = write_rows(rows, Path(out))
+    write_card(path, card_text(info, fmt, path, len(rows), records))
+    return path, len(rows)

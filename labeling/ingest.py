@@ -1,0 +1,68 @@
+"""Bringing outside files in: prompts, labels, ranked groups and preference pairs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from store import db as storedb
+from store import labels, prompts, rounds
+from store.files import read_labels, read_pairs, read_prompts, read_ranked_groups
+from store.records import ImportedGroup, ImportReport, LabelRecord
+from store.rounds import CandidateRecord
+
+
+def import_prompts(ws: storedb.Workspace, path: Path, split: str = "train") -> ImportReport:
+    """Store a file's prompts in one transaction; duplicates are skipped and counted."""
+    prompts.check_split(split)
+    records = read_prompts(path)
+    with storedb.connect(ws) as con:
+        return prompts.add_prompts(con, records, split, Path(path).name)
+
+
+def import_labels(ws: storedb.Workspace, path: Path) -> int:
+    """Store a file's rankings; any bad row rejects the whole file."""
+    records = read_labels(path)
+    with storedb.connect(ws) as con:
+        return labels.add_labels(con, records, source=str(path))
+
+
+def store_groups(
+    ws: storedb.Workspace, groups: list[ImportedGroup], source: str, split: str
+) -> tuple[int | None, int]:
+    """Store ranked outside groups as one round, each ranked once by annotator `import`."""
+    if not groups:
+        return None, 0
+    annotator = f"import:{source}"
+    with storedb.connect(ws) as con:
+        k = max(len(g.completions) for g in groups)
+        round_id = rounds.create_round(con, None, split, k, {"file": source}, f"import:{source}")
+        to_label = []
+        for g in groups:
+            prompt_id, _ = prompts.upsert_prompt(con, g.prompt, split, source)
+            group_id, cand_ids = rounds.add_group(
+                con, round_id, prompt_id, [CandidateRecord(t) for t in g.completions]
+            )
+            ranking = [[cand_ids[i] for i in tier] for tier in g.ranking]
+            to_label.append(LabelRecord(group_id, annotator, ranking))
+        labels.add_labels(con, to_label, source=source)
+    return round_id, len(groups)
+
+
+def import_ranked_groups(
+    ws: storedb.Workspace, path: Path, split: str = "train"
+) -> tuple[int | None, ImportReport]:
+    """Import listwise ranked groups (the listwise export's format) as a new round."""
+    prompts.check_split(split)
+    groups = read_ranked_groups(path)
+    round_id, n = store_groups(ws, groups, Path(path).name, split)
+    return round_id, ImportReport(stored=n)
+
+
+def import_pairs(
+    ws: storedb.Workspace, path: Path, split: str = "train"
+) -> tuple[int | None, ImportReport]:
+    """Import TRL-format or HH-RLHF pairs as groups of two with one ranking."""
+    prompts.check_split(split)
+    groups, report = read_pairs(path)
+    round_id, report.stored = store_groups(ws, groups, Path(path).name, split)
+    return round_id, report

@@ -1,0 +1,77 @@
+"""Rankings: tiers of candidates, fractional ranks, consensus across annotators, pairs."""
+
+from __future__ import annotations
+
+
+def fractional_ranks(ranking: list[list[int]]) -> dict[int, float]:
+    """1-based rank of each item; tied items share the mean of the places they fill."""
+    ranks, place = {}, 1
+    for tier in ranking:
+        mean = place + (len(tier) - 1) / 2
+        for item in tier:
+            ranks[item] = mean
+        place += len(tier)
+    return ranks
+
+
+def tiers_from_scores(scores: dict[int, float]) -> list[list[int]]:
+    """Tiers ordered by ascending score (lower is better); equal scores tie."""
+    tiers: list[list[int]] = []
+    last = None
+    for item, score in sorted(scores.items(), key=lambda kv: (kv[1], kv[0])):
+        if last is not None and abs(score - last) < 1e-9:
+            tiers[-1].append(item)
+        else:
+            tiers.append([item])
+        last = score
+    return tiers
+
+
+def consensus(rankings: list[list[list[int]]]) -> list[list[int]]:
+    """One ranking from several by mean fractional rank (a Borda count)."""
+    if not rankings:
+        return []
+    totals: dict[int, float] = {}
+    for ranking in rankings:
+        for item, rank in fractional_ranks(ranking).items():
+            totals[item] = totals.get(item, 0.0) + rank / len(rankings)
+    return tiers_from_scores(totals)
+
+
+def tiers_to_ranks(ranking: list[list[int]], n: int) -> list[int]:
+    """Dense 1-based ranks per index from tiers (tied indices share a rank)."""
+    ranks = [0] * n
+    for place, tier in enumerate(ranking, start=1):
+        for item in tier:
+            ranks[item] = place
+    return ranks
+
+
+def ordered_pairs(ranking: list[list[int]]) -> list[tuple[int, int]]:
+    """(better, worse) pairs that a tiered ranking strictly orders."""
+    return [
+        (a, b)
+        for i, upper in enumerate(ranking)
+        for lower in ranking[i + 1 :]
+        for a in upper
+        for b in lower
+    ]
+
+
+def group_training_ranking(
+    candidate_ids: list[int], labels: list[tuple[list[list[int]] | None, list[str]]]
+) -> list[list[int]] | None:
+    """Consensus ranking (tiers of candidate positions) of a group, or None if it carries no signal.
+
+    Groups flagged all_bad by any annotator are left out; skipped labels are ignored.
+    """
+    if any("all_bad" in flags for _, flags in labels):
+        return None
+    position = {cid: i for i, cid in enumerate(candidate_ids)}
+    rankings = [
+        [[position[c] for c in tier] for tier in ranking]
+        for ranking, flags in labels
+        if ranking is not None and "skipped" not in flags
+    ]
+    result = consensus(rankings)
+    return result if len(result) > 1 else None

@@ -1,0 +1,133 @@
+"""Dataset versions: immutable Parquet snapshots of training groups, named by content hash."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+
+import duckdb
+import pandas as pd
+
+from store.db import Workspace
+from store.errors import PrefloopError
+
+SNAPSHOT_COLUMNS = [
+    "group_id",
+    "round_id",
+    "model_version",
+    "prompt",
+    "messages",
+    "candidate_ids",
+    "texts",
+    "sample_logprobs",
+    "ranking",
+    "n_labels",
+]
+
+
+def _canonical(value):
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def content_hash(rows: pd.DataFrame) -> str:
+    """sha256 of the snapshot's rows in canonical JSON (stable across a Parquet round trip)."""
+    records = [
+        {k: _canonical(v) for k, v in r.items()} for r in rows[SNAPSHOT_COLUMNS].to_dict("records")
+    ]
+    payload = json.dumps(records, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def freeze(
+    ws: Workspace,
+    con: duckdb.DuckDBPyConnection,
+    rows: pd.DataFrame,
+    *,
+    n_pairs: int,
+    filters: dict,
+) -> str:
+    """Store rows as a new dataset version (or return the existing one with the same content)."""
+    if rows.empty:
+        raise PrefloopError(
+            "no labelled groups to train on: rank some groups first (web app or "
+            "`prefloop labels import`); flagged, skipped and all-tied groups are left out"
+        )
+    rows = rows[SNAPSHOT_COLUMNS].reset_index(drop=True)
+    digest = content_hash(rows)
+    row = con.execute("SELECT id FROM datasets WHERE content_hash = ?", [digest]).fetchone()
+    if row:
+        return str(row[0])
+    n = con.execute("SELECT count(*) FROM datasets").fetchone()[0]
+    dataset_id = f"d{n + 1}"
+    target = ws.artifacts / "snapshots" / f"{dataset_id}.parquet"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".parquet.tmp")
+    rows.to_parquet(tmp, index=False)
+    os.replace(tmp, target)
+    rounds = sorted({int(r) for r in rows["round_id"]})
+    con.execute(
+        "INSERT INTO datasets (id, content_hash, path, n_groups, n_pairs, rounds, filters) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [
+            dataset_id,
+            digest,
+            ws.relative(target),
+            len(rows),
+            n_pairs,
+            json.dumps(rounds),
+            json.dumps(filters, sort_keys=True),
+        ],
+    )
+    return dataset_id
+
+
+def list_datasets(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+    """Dataset versions, oldest first."""
+    df = con.execute(
+        "SELECT id, content_hash, path, n_groups, n_pairs, rounds, filters, created "
+        "FROM datasets ORDER BY created, id"
+    ).df()
+    df["rounds"] = df["rounds"].map(json.loads)
+    df["filters"] = df["filters"].map(json.loads)
+    return df
+
+
+def get_dataset(con: duckdb.DuckDBPyConnection, dataset_id: str) -> dict:
+    """A dataset version's row; unknown ids raise."""
+    df = list_datasets(con)
+    match = df[df["id"] == dataset_id]
+    if match.empty:
+        known = ", ".join(df["id"]) or "none yet"
+        raise PrefloopError(f"unknown dataset version {dataset_id!r}; known: {known}")
+    return match.iloc[0].to_dict()
+
+
+def latest_dataset(con: duckdb.DuckDBPyConnection) -> str | None:
+    """The newest dataset version's id, or None."""
+    df = list_datasets(con)
+    return None if df.empty else str(df.iloc[-1]["id"])
+
+
+def read_snapshot(ws: Workspace, info: dict) -> pd.DataFrame:
+    """A dataset version's rows, checked against its content hash."""
+    path = ws.path(info["path"])
+    if not path.exists():
+        raise PrefloopError(f"snapshot file {path} of dataset {info['id']} is missing")
+    rows = pd.read_parquet(path)
+    rows["ranking"] = rows["ranking"].map(lambda r: [list(map(int, t)) for t in r])
+    for col in ("candidate_ids", "texts", "sample_logprobs"):
+        rows[col] = rows[col].map(list)
+    if content_hash(rows) != info["content_hash"]:
+        raise PrefloopError(
+            f"snapshot {path} does not match the content hash of dataset {info['id']}; "
+            "it was modified outside prefloop"
+        )
+    return rows

@@ -1,0 +1,263 @@
+"""Workspace layout, connections with lock retry, and schema migrations."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+
+from store.errors import PrefloopError
+
+DB_NAME = "prefloop.duckdb"
+LOCK_TIMEOUT_S = float(os.environ.get("PREFLOOP_LOCK_TIMEOUT", "60"))
+
+MIGRATIONS: list[str] = [
+    # 1: prompts, rounds of groups, candidates, labels, model versions, dataset versions
+    """
+    CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR);
+    CREATE SEQUENCE seq_prompts START 1;
+    CREATE TABLE prompts (
+        id INTEGER PRIMARY KEY DEFAULT nextval('seq_prompts'),
+        text VARCHAR NOT NULL,
+        messages VARCHAR,
+        norm_key VARCHAR NOT NULL UNIQUE,
+        split VARCHAR NOT NULL,
+        source VARCHAR,
+        created TIMESTAMP DEFAULT current_timestamp
+    );
+    CREATE TABLE model_versions (
+        id VARCHAR PRIMARY KEY,
+        parent VARCHAR,
+        base_model VARCHAR NOT NULL,
+        adapter_path VARCHAR NOT NULL,
+        dataset_id VARCHAR,
+        method VARCHAR NOT NULL,
+        config VARCHAR NOT NULL,
+        run_id INTEGER,
+        created TIMESTAMP DEFAULT current_timestamp
+    );
+    CREATE SEQUENCE seq_rounds START 1;
+    CREATE TABLE rounds (
+        id INTEGER PRIMARY KEY DEFAULT nextval('seq_rounds'),
+        model_version VARCHAR,
+        split VARCHAR NOT NULL,
+        k INTEGER NOT NULL,
+        settings VARCHAR NOT NULL,
+        source VARCHAR NOT NULL,
+        created TIMESTAMP DEFAULT current_timestamp
+    );
+    CREATE SEQUENCE seq_groups START 1;
+    CREATE TABLE groups (
+        id INTEGER PRIMARY KEY DEFAULT nextval('seq_groups'),
+        round_id INTEGER NOT NULL,
+        prompt_id INTEGER NOT NULL
+    );
+    CREATE SEQUENCE seq_candidates START 1;
+    CREATE TABLE candidates (
+        id INTEGER PRIMARY KEY DEFAULT nextval('seq_candidates'),
+        group_id INTEGER NOT NULL,
+        position INTEGER NOT NULL,
+        text VARCHAR NOT NULL,
+        n_tokens INTEGER,
+        finish_reason VARCHAR,
+        logprob DOUBLE
+    );
+    CREATE INDEX idx_candidates_group ON candidates(group_id);
+    CREATE SEQUENCE seq_labels START 1;
+    CREATE TABLE labels (
+        id INTEGER PRIMARY KEY DEFAULT nextval('seq_labels'),
+        group_id INTEGER NOT NULL,
+        annotator VARCHAR NOT NULL,
+        ranking VARCHAR,
+        flags VARCHAR NOT NULL,
+        comment VARCHAR,
+        created TIMESTAMP DEFAULT current_timestamp,
+        UNIQUE (group_id, annotator)
+    );
+    CREATE TABLE datasets (
+        id VARCHAR PRIMARY KEY,
+        content_hash VARCHAR NOT NULL UNIQUE,
+        path VARCHAR NOT NULL,
+        n_groups INTEGER NOT NULL,
+        n_pairs INTEGER NOT NULL,
+        rounds VARCHAR NOT NULL,
+        filters VARCHAR NOT NULL,
+        created TIMESTAMP DEFAULT current_timestamp
+    );
+    """,
+    # 2: background jobs and their metrics
+    """
+    CREATE SEQUENCE seq_runs START 1;
+    CREATE TABLE runs (
+        id INTEGER PRIMARY KEY DEFAULT nextval('seq_runs'),
+        kind VARCHAR NOT NULL,
+        status VARCHAR NOT NULL,
+        config VARCHAR NOT NULL,
+        pid INTEGER,
+        host VARCHAR,
+        started TIMESTAMP DEFAULT current_timestamp,
+        heartbeat TIMESTAMP DEFAULT current_timestamp,
+        finished TIMESTAMP,
+        error VARCHAR,
+        result VARCHAR,
+        log_path VARCHAR
+    );
+    CREATE TABLE metrics (
+        run_id INTEGER NOT NULL,
+        step INTEGER NOT NULL,
+        name VARCHAR NOT NULL,
+        value DOUBLE,
+        created TIMESTAMP DEFAULT current_timestamp
+    );
+    CREATE INDEX idx_metrics_run ON metrics(run_id);
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """A project folder: the database plus artifacts (adapters, snapshots, runs)."""
+
+    root: Path
+
+    @property
+    def db_path(self) -> Path:
+        return self.root / DB_NAME
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "artifacts"
+
+    def path(self, relative: str) -> Path:
+        """Absolute path of a workspace-relative path stored in the database."""
+        return self.root / relative
+
+    def relative(self, path: Path) -> str:
+        """Workspace-relative form of an absolute path, for storing."""
+        return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
+
+
+def workspace(path: str | os.PathLike | None = None, *, must_exist: bool = True) -> Workspace:
+    """The workspace at path, $PREFLOOP_WORKSPACE or the current folder."""
+    root = Path(path or os.environ.get("PREFLOOP_WORKSPACE") or ".").expanduser().resolve()
+    ws = Workspace(root)
+    if must_exist and not ws.db_path.exists():
+        raise PrefloopError(
+            f"no prefloop workspace at {root} (no {DB_NAME}); "
+            f"create one with `prefloop init --workspace {root}` or pass --workspace DIR"
+        )
+    return ws
+
+
+def _is_lock_error(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return "lock" in text and ("conflicting" in text or "could not set" in text)
+
+
+def _open(ws: Workspace, read_only: bool, timeout_s: float) -> duckdb.DuckDBPyConnection:
+    deadline = time.monotonic() + timeout_s
+    delay = 0.05
+    while True:
+        try:
+            return duckdb.connect(str(ws.db_path), read_only=read_only)
+        except duckdb.Error as exc:
+            if not _is_lock_error(exc):
+                raise PrefloopError(f"cannot open {ws.db_path}: {exc}") from exc
+            if time.monotonic() >= deadline:
+                raise PrefloopError(
+                    f"the workspace database {ws.db_path} is held by another process "
+                    f"(gave up after {timeout_s:.0f} s). Stop the process that keeps it open "
+                    "or retry; prefloop's own commands open it only briefly."
+                ) from exc
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 1.6, 1.0)
+
+
+def migrate(con: duckdb.DuckDBPyConnection, upto: int = SCHEMA_VERSION) -> int:
+    """Bring the schema up to version upto; return the version found before."""
+    has_meta = con.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'meta'"
+    ).fetchone()[0]
+    found = 0
+    if has_meta:
+        row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        found = int(row[0]) if row else 0
+    if found > SCHEMA_VERSION:
+        raise PrefloopError(
+            f"this workspace has schema version {found}, newer than this prefloop "
+            f"understands ({SCHEMA_VERSION}); upgrade prefloop to open it"
+        )
+    for version in range(found + 1, upto + 1):
+        con.execute("BEGIN")
+        try:
+            con.execute(MIGRATIONS[version - 1])
+            con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(version)])
+            con.execute("COMMIT")
+        except Exception:
+            con.execute("ROLLBACK")
+            raise
+    return found
+
+
+@contextmanager
+def connect(
+    ws: Workspace, *, read_only: bool = False, timeout_s: float | None = None
+) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Open the workspace database for one unit of work: one transaction, then close."""
+    if not ws.db_path.exists():
+        raise PrefloopError(f"no workspace database at {ws.db_path}; run `prefloop init` first")
+    con = _open(ws, read_only, LOCK_TIMEOUT_S if timeout_s is None else timeout_s)
+    try:
+        if not read_only:
+            migrate(con)
+        else:
+            version = schema_version(con)
+            if version != SCHEMA_VERSION:
+                raise PrefloopError(
+                    f"workspace schema is version {version}, expected {SCHEMA_VERSION}; "
+                    "open it once read-write (any prefloop command) to migrate"
+                )
+        con.execute("BEGIN")
+        try:
+            yield con
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        con.execute("COMMIT")
+    finally:
+        con.close()
+
+
+def schema_version(con: duckdb.DuckDBPyConnection) -> int:
+    """The schema version recorded in the database."""
+    row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def create(root: str | os.PathLike, base_model: str, upto: int = SCHEMA_VERSION) -> Workspace:
+    """Create a workspace folder with an empty, current database."""
+    ws = Workspace(Path(root).expanduser().resolve())
+    if ws.db_path.exists():
+        raise PrefloopError(f"a workspace already exists at {ws.root}")
+    for sub in ("adapters", "snapshots", "runs", "exports"):
+        (ws.artifacts / sub).mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect(str(ws.db_path))
+    try:
+        migrate(con, upto)
+        con.execute("INSERT INTO meta VALUES ('base_model', ?)", [base_model])
+    finally:
+        con.close()
+    return ws
+
+
+def get_meta(con: duckdb.DuckDBPyConnection, key: str) -> str | None:
+    """A value from the meta table."""
+    row = con.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
+    return row[0] if row else None

@@ -1,0 +1,92 @@
+"""Model versions: LoRA adapters with a parent, a dataset version and a config."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+
+from store.db import Workspace, get_meta
+from store.errors import PrefloopError
+
+BASE = "base"
+
+
+def base_model(con: duckdb.DuckDBPyConnection) -> str:
+    """The workspace's base model id or path."""
+    value = get_meta(con, "base_model")
+    if not value:
+        raise PrefloopError("the workspace has no base model; re-create it with `prefloop init`")
+    return value
+
+
+def list_versions(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+    """Model versions, oldest first, with their config decoded."""
+    df = con.execute(
+        "SELECT id, parent, base_model, adapter_path, dataset_id, method, config, run_id, created "
+        "FROM model_versions ORDER BY created, id"
+    ).df()
+    df["config"] = df["config"].map(json.loads)
+    return df
+
+
+def get_version(con: duckdb.DuckDBPyConnection, version: str) -> dict | None:
+    """A model version's row; None for the base model; unknown ids raise."""
+    if version in (BASE, None, ""):
+        return None
+    df = list_versions(con)
+    match = df[df["id"] == version]
+    if match.empty:
+        known = ", ".join([BASE, *df["id"]])
+        raise PrefloopError(f"unknown model version {version!r}; known versions: {known}")
+    return match.iloc[0].to_dict()
+
+
+def latest_version(con: duckdb.DuckDBPyConnection) -> str:
+    """The newest model version's id, or 'base'."""
+    df = list_versions(con)
+    return BASE if df.empty else str(df.iloc[-1]["id"])
+
+
+def register_version(
+    ws: Workspace,
+    con: duckdb.DuckDBPyConnection,
+    staged_dir: Path,
+    *,
+    parent: str | None,
+    dataset_id: str | None,
+    method: str,
+    config: dict,
+    run_id: int | None,
+) -> str:
+    """Move a complete adapter folder into place and record it as the next version."""
+    n = con.execute("SELECT count(*) FROM model_versions").fetchone()[0]
+    version = f"v{n + 1}"
+    while (ws.artifacts / "adapters" / version).exists():
+        n += 1
+        version = f"v{n + 1}"
+    target = ws.artifacts / "adapters" / version
+    os.replace(staged_dir, target)
+    try:
+        con.execute(
+            "INSERT INTO model_versions (id, parent, base_model, adapter_path, dataset_id, method, "
+            "config, run_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                version,
+                parent,
+                base_model(con),
+                ws.relative(target),
+                dataset_id,
+                method,
+                json.dumps(config, sort_keys=True),
+                run_id,
+            ],
+        )
+    except Exception:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+    return version

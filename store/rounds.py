@@ -1,0 +1,169 @@
+"""Rounds, their groups and candidates."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import duckdb
+import pandas as pd
+
+from store.errors import PrefloopError
+
+
+@dataclass
+class CandidateRecord:
+    """One sampled (or imported) completion of a group."""
+
+    text: str
+    n_tokens: int | None = None
+    finish_reason: str | None = None
+    logprob: float | None = None
+
+
+@dataclass
+class GroupRecord:
+    """A prompt and its K candidates, as stored."""
+
+    group_id: int
+    round_id: int
+    prompt_id: int
+    prompt: str
+    messages: list[dict] | None
+    candidate_ids: list[int]
+    texts: list[str]
+    logprobs: list[float | None] = field(default_factory=list)
+
+
+def create_round(
+    con: duckdb.DuckDBPyConnection,
+    model_version: str | None,
+    split: str,
+    k: int,
+    settings: dict,
+    source: str,
+) -> int:
+    """A new, empty round; returns its id."""
+    return int(
+        con.execute(
+            "INSERT INTO rounds (model_version, split, k, settings, source) "
+            "VALUES (?, ?, ?, ?, ?) RETURNING id",
+            [model_version, split, k, json.dumps(settings, sort_keys=True), source],
+        ).fetchone()[0]
+    )
+
+
+def add_group(
+    con: duckdb.DuckDBPyConnection,
+    round_id: int,
+    prompt_id: int,
+    candidates: list[CandidateRecord],
+) -> tuple[int, list[int]]:
+    """Store one group with its candidates; returns (group id, candidate ids)."""
+    group_id = int(
+        con.execute(
+            "INSERT INTO groups (round_id, prompt_id) VALUES (?, ?) RETURNING id",
+            [round_id, prompt_id],
+        ).fetchone()[0]
+    )
+    ids = []
+    for position, cand in enumerate(candidates):
+        ids.append(
+            int(
+                con.execute(
+                    "INSERT INTO candidates (group_id, position, text, n_tokens, finish_reason, "
+                    "logprob) VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+                    [
+                        group_id,
+                        position,
+                        cand.text,
+                        cand.n_tokens,
+                        cand.finish_reason,
+                        cand.logprob,
+                    ],
+                ).fetchone()[0]
+            )
+        )
+    return group_id, ids
+
+
+def list_rounds(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+    """Rounds with group and label counts."""
+    df = con.execute(
+        """
+        SELECT r.id, r.model_version, r.split, r.k, r.settings, r.source, r.created,
+               count(DISTINCT g.id) AS groups,
+               count(DISTINCT l.group_id) AS labelled_groups,
+               count(l.id) AS labels
+        FROM rounds r
+        LEFT JOIN groups g ON g.round_id = r.id
+        LEFT JOIN labels l ON l.group_id = g.id
+        GROUP BY ALL ORDER BY r.id
+        """
+    ).df()
+    df["settings"] = df["settings"].map(json.loads)
+    return df
+
+
+def get_round(con: duckdb.DuckDBPyConnection, round_id: int) -> dict:
+    """One round's row; unknown ids raise."""
+    df = list_rounds(con)
+    match = df[df["id"] == int(round_id)]
+    if match.empty:
+        known = ", ".join(str(i) for i in df["id"]) or "none yet"
+        raise PrefloopError(f"unknown round {round_id}; known rounds: {known}")
+    return match.iloc[0].to_dict()
+
+
+def groups(
+    con: duckdb.DuckDBPyConnection,
+    round_id: int | None = None,
+    pending_for: str | None = None,
+    pending: bool = False,
+    group_ids: list[int] | None = None,
+) -> list[GroupRecord]:
+    """Groups with their prompt and candidates, filtered by round, id or labelling state."""
+    where, params = [], []
+    if round_id is not None:
+        get_round(con, round_id)
+        where.append("g.round_id = ?")
+        params.append(int(round_id))
+    if pending_for is not None:
+        where.append("g.id NOT IN (SELECT group_id FROM labels WHERE annotator = ?)")
+        params.append(pending_for)
+    if pending:
+        where.append("g.id NOT IN (SELECT group_id FROM labels)")
+    if group_ids is not None:
+        if not group_ids:
+            return []
+        where.append(f"g.id IN ({', '.join('?' for _ in group_ids)})")
+        params.extend(int(i) for i in group_ids)
+    sql = """
+        SELECT g.id, g.round_id, g.prompt_id, p.text, p.messages,
+               list(c.id ORDER BY c.position), list(c.text ORDER BY c.position),
+               list(c.logprob ORDER BY c.position)
+        FROM groups g JOIN prompts p ON p.id = g.prompt_id
+        JOIN candidates c ON c.group_id = g.id
+    """
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " GROUP BY ALL ORDER BY g.id"
+    return [
+        GroupRecord(
+            group_id=r[0],
+            round_id=r[1],
+            prompt_id=r[2],
+            prompt=r[3],
+            messages=json.loads(r[4]) if r[4] else None,
+            candidate_ids=list(r[5]),
+            texts=list(r[6]),
+            logprobs=list(r[7]),
+        )
+        for r in con.execute(sql, params).fetchall()
+    ]
+
+
+def latest_round(con: duckdb.DuckDBPyConnection) -> int | None:
+    """The newest round's id, or None."""
+    row = con.execute("SELECT max(id) FROM rounds").fetchone()
+    return None if row[0] is None else int(row[0])

@@ -1,0 +1,104 @@
+"""Long jobs as the CLI runs them: a run row, heartbeat, metrics, and all-or-nothing results."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+
+from store import datasets, models, runs
+from store import db as storedb
+from store.errors import PrefloopError
+from tuning.config import DPOConfig, SamplingConfig
+
+
+def _fail(ws: storedb.Workspace, run_id: int, exc: BaseException) -> None:
+    message = str(exc) or type(exc).__name__
+    with storedb.connect(ws) as con:
+        runs.fail_run(con, run_id, message)
+
+
+def sample_job(
+    ws: storedb.Workspace, cfg: SamplingConfig, version: str | None, show_progress: bool = True
+) -> int:
+    """Sample a round as a tracked job; returns the round id."""
+    from labeling.sampling import sample_round
+
+    with storedb.connect(ws) as con:
+        version = version or models.latest_version(con)
+        models.get_version(con, version)
+        run_id = runs.start_run(con, "sample", {**asdict(cfg), "model_version": version})
+    try:
+        round_id = sample_round(ws, cfg, version, run_id=run_id, show_progress=show_progress)
+    except BaseException as exc:
+        _fail(ws, run_id, exc)
+        raise
+    with storedb.connect(ws) as con:
+        runs.finish_run(con, run_id, f"round {round_id}")
+    return round_id
+
+
+def tune_job(
+    ws: storedb.Workspace,
+    cfg: DPOConfig,
+    *,
+    method: str = "dpo",
+    from_version: str | None = None,
+    dataset_id: str | None = None,
+    show_progress: bool = True,
+) -> str:
+    """Freeze (or reuse) a dataset version, train an adapter on it, register the new version."""
+    from labeling.curation import freeze_dataset, snapshot_records
+    from tuning.dpo import train_dpo
+
+    if method != "dpo":
+        raise PrefloopError(f"unknown tuning method {method!r}; available: dpo")
+    with storedb.connect(ws) as con:
+        base = models.base_model(con)
+        parent = models.get_version(con, from_version) if from_version else None
+        if dataset_id:
+            datasets.get_dataset(con, dataset_id)
+    dataset_id = dataset_id or freeze_dataset(ws)
+    config = {"method": method, "dataset": dataset_id, "from": from_version, **cfg.to_dict()}
+    with storedb.connect(ws) as con:
+        info = datasets.get_dataset(con, dataset_id)
+        run_id = runs.start_run(con, "tune", config)
+    run_dir = ws.artifacts / "runs" / str(run_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    staging = ws.artifacts / "adapters" / f".staging-run{run_id}"
+
+    def on_step(step: int, metrics: dict[str, float]) -> None:
+        with storedb.connect(ws) as con:
+            runs.heartbeat(con, run_id, metrics, step)
+
+    try:
+        rows = snapshot_records(datasets.read_snapshot(ws, info))
+        final = train_dpo(
+            base,
+            rows,
+            cfg,
+            staging,
+            init_adapter=ws.path(parent["adapter_path"]) if parent else None,
+            ref_cache=ws.path(info["path"]),
+            on_step=on_step,
+            show_progress=show_progress,
+        )
+        (run_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
+        with storedb.connect(ws) as con:
+            version = models.register_version(
+                ws,
+                con,
+                staging,
+                parent=from_version,
+                dataset_id=dataset_id,
+                method=method,
+                config={**config, "final_metrics": final},
+                run_id=run_id,
+            )
+            runs.finish_run(con, run_id, version)
+    except BaseException as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        _fail(ws, run_id, exc)
+        raise
+    return version
