@@ -63,6 +63,18 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"demo workspace {ws.root}: 40 train + 10 held-out prompts, round {round_id} sampled")
 
 
+def cmd_status(args: argparse.Namespace) -> None:
+    from store import db, models
+
+    ws = _ws(args)
+    with db.connect(ws) as con:
+        counts = db.table_counts(con)
+        base, newest = models.base_model(con), models.latest_version(con)
+    print(f"workspace {ws.root}\nbase model: {base}\nnewest model version: {newest}")
+    for table, n in counts.items():
+        print(f"{table}: {n}")
+
+
 def cmd_prompts_import(args: argparse.Namespace) -> None:
     from labeling.ingest import import_prompts
 
@@ -277,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("demo", cmd_demo, "create a demo workspace with built-in prompts and sample round 1")
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=96)
+
+    add("status", cmd_status, "show the workspace's base model and row counts")
 
     prompts = sub.add_parser("prompts", help="manage prompts").add_subparsers(
         dest="sub", required=True, metavar="SUBCOMMAND"

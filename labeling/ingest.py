@@ -36,14 +36,19 @@ def store_groups(
     with storedb.connect(ws) as con:
         k = max(len(g.completions) for g in groups)
         round_id = rounds.create_round(con, None, split, k, {"file": source}, f"import:{source}")
-        to_label = []
-        for g in groups:
-            prompt_id, _ = prompts.upsert_prompt(con, g.prompt, split, source)
-            group_id, cand_ids = rounds.add_group(
-                con, round_id, prompt_id, [CandidateRecord(t) for t in g.completions]
-            )
-            ranking = [[cand_ids[i] for i in tier] for tier in g.ranking]
-            to_label.append(LabelRecord(group_id, annotator, ranking))
+        prompt_ids, _ = prompts.upsert_prompts(con, [g.prompt for g in groups], split, source)
+        stored = rounds.add_groups(
+            con,
+            round_id,
+            [
+                (pid, [CandidateRecord(t) for t in g.completions])
+                for pid, g in zip(prompt_ids, groups, strict=True)
+            ],
+        )
+        to_label = [
+            LabelRecord(gid, annotator, [[cand_ids[i] for i in tier] for tier in g.ranking])
+            for (gid, cand_ids), g in zip(stored, groups, strict=True)
+        ]
         labels.add_labels(con, to_label, source=source)
     return round_id, len(groups)
 

@@ -74,11 +74,18 @@ def sample_round(
     settings = {**asdict(cfg), "model_version": version}
     with storedb.connect(ws) as con:
         round_id = rounds.create_round(con, version, cfg.split, cfg.k, settings, "sampled")
-        for prompt_id, samples in results:
-            rounds.add_group(
-                con,
-                round_id,
-                int(prompt_id),
-                [CandidateRecord(s.text, s.n_tokens, s.finish_reason, s.logprob) for s in samples],
-            )
+        rounds.add_groups(
+            con,
+            round_id,
+            [
+                (
+                    int(prompt_id),
+                    [
+                        CandidateRecord(s.text, s.n_tokens, s.finish_reason, s.logprob)
+                        for s in group
+                    ],
+                )
+                for prompt_id, group in results
+            ],
+        )
     return round_id

@@ -261,3 +261,11 @@ def get_meta(con: duckdb.DuckDBPyConnection, key: str) -> str | None:
     """A value from the meta table."""
     row = con.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
     return row[0] if row else None
+
+
+TABLES = ("prompts", "rounds", "groups", "candidates", "labels", "model_versions", "datasets")
+
+
+def table_counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
+    """Row counts of the main tables (what `prefloop status` shows)."""
+    return {t: int(con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) for t in TABLES}

@@ -65,31 +65,45 @@ def add_labels(
             ids,
         ).fetchall()
         members = {int(g): list(c) for g, c in rows}
+    keys = [(r.group_id, r.annotator.strip() if r.annotator else "") for r in records]
+    existing = set()
+    if ids:
+        existing = {
+            (int(g), a)
+            for g, a in con.execute(
+                f"SELECT group_id, annotator FROM labels "
+                f"WHERE group_id IN ({', '.join('?' for _ in ids)})",
+                ids,
+            ).fetchall()
+        }
     seen: set[tuple[int, str]] = set()
-    for record in records:
+    for record, key in zip(records, keys, strict=True):
         _check(record, members, source)
-        key = (record.group_id, record.annotator)
-        exists = con.execute(
-            "SELECT 1 FROM labels WHERE group_id = ? AND annotator = ?", list(key)
-        ).fetchone()
-        if exists or key in seen:
+        if key in existing or key in seen:
             raise PrefloopError(
                 f"{_where(record, source)}group {record.group_id} already has a label from "
                 f"{record.annotator!r}; each annotator ranks a group once"
             )
         seen.add(key)
-    for record in records:
+    if not records:
+        return 0
+    df = pd.DataFrame(
+        {
+            "group_id": [r.group_id for r in records],
+            "annotator": [a for _, a in keys],
+            "ranking": [json.dumps(r.ranking) if r.ranking is not None else None for r in records],
+            "flags": [json.dumps(sorted(set(r.flags))) for r in records],
+            "comment": pd.Series([r.comment for r in records], dtype="object"),
+        }
+    )
+    con.register("_new_labels", df)
+    try:
         con.execute(
             "INSERT INTO labels (group_id, annotator, ranking, flags, comment) "
-            "VALUES (?, ?, ?, ?, ?)",
-            [
-                record.group_id,
-                record.annotator.strip(),
-                json.dumps(record.ranking) if record.ranking is not None else None,
-                json.dumps(sorted(set(record.flags))),
-                record.comment,
-            ],
+            "SELECT * FROM _new_labels"
         )
+    finally:
+        con.unregister("_new_labels")
     return len(records)
 
 

@@ -26,21 +26,47 @@ def _key(record: PromptRecord) -> str:
     return normalize_prompt(record.messages if record.messages else record.text)
 
 
-def upsert_prompt(
-    con: duckdb.DuckDBPyConnection, record: PromptRecord, split: str, source: str
-) -> tuple[int, bool]:
-    """The id of the prompt (inserted if new) and whether it was new."""
-    key = _key(record)
-    row = con.execute("SELECT id FROM prompts WHERE norm_key = ?", [key]).fetchone()
-    if row:
-        return int(row[0]), False
-    messages = json.dumps(record.messages) if record.messages else None
-    new_id = con.execute(
-        "INSERT INTO prompts (text, messages, norm_key, split, source) VALUES (?, ?, ?, ?, ?) "
-        "RETURNING id",
-        [record.text, messages, key, split, source],
-    ).fetchone()[0]
-    return int(new_id), True
+def upsert_prompts(
+    con: duckdb.DuckDBPyConnection, records: list[PromptRecord], split: str, source: str
+) -> tuple[list[int], int]:
+    """Ids of the prompts (new ones inserted in bulk) and how many were new."""
+    keys = [_key(r) for r in records]
+    existing = dict(
+        con.execute(
+            "SELECT norm_key, id FROM prompts WHERE norm_key IN (SELECT unnest(?))", [keys]
+        ).fetchall()
+    )
+    new: dict[str, PromptRecord] = {}
+    for key, record in zip(keys, records, strict=True):
+        if key not in existing and key not in new:
+            new[key] = record
+    if new:
+        ids = [
+            int(r[0])
+            for r in con.execute(
+                "SELECT nextval('seq_prompts') FROM range(?)", [len(new)]
+            ).fetchall()
+        ]
+        df = pd.DataFrame(
+            {
+                "id": ids,
+                "text": [r.text for r in new.values()],
+                "messages": [json.dumps(r.messages) if r.messages else None for r in new.values()],
+                "norm_key": list(new),
+                "split": split,
+                "source": source,
+            }
+        )
+        con.register("_new_prompts", df)
+        try:
+            con.execute(
+                "INSERT INTO prompts (id, text, messages, norm_key, split, source) "
+                "SELECT * FROM _new_prompts"
+            )
+        finally:
+            con.unregister("_new_prompts")
+        existing.update(zip(new, ids, strict=True))
+    return [int(existing[k]) for k in keys], len(new)
 
 
 def add_prompts(
@@ -48,14 +74,8 @@ def add_prompts(
 ) -> ImportReport:
     """Store prompts, skipping exact (whitespace-normalised) duplicates."""
     check_split(split)
-    report = ImportReport()
-    for record in records:
-        _, new = upsert_prompt(con, record, split, source)
-        if new:
-            report.stored += 1
-        else:
-            report.duplicates += 1
-    return report
+    _, stored = upsert_prompts(con, records, split, source)
+    return ImportReport(stored=stored, duplicates=len(records) - stored)
 
 
 def list_prompts(con: duckdb.DuckDBPyConnection, split: str | None = None) -> pd.DataFrame:

@@ -60,31 +60,51 @@ def add_group(
     candidates: list[CandidateRecord],
 ) -> tuple[int, list[int]]:
     """Store one group with its candidates; returns (group id, candidate ids)."""
-    group_id = int(
-        con.execute(
-            "INSERT INTO groups (round_id, prompt_id) VALUES (?, ?) RETURNING id",
-            [round_id, prompt_id],
-        ).fetchone()[0]
+    return add_groups(con, round_id, [(prompt_id, candidates)])[0]
+
+
+def _reserve(con: duckdb.DuckDBPyConnection, sequence: str, n: int) -> list[int]:
+    rows = con.execute(f"SELECT nextval('{sequence}') FROM range(?)", [n]).fetchall()
+    return [int(r[0]) for r in rows]
+
+
+def add_groups(
+    con: duckdb.DuckDBPyConnection,
+    round_id: int,
+    items: list[tuple[int, list[CandidateRecord]]],
+) -> list[tuple[int, list[int]]]:
+    """Store many groups (prompt id, candidates) in bulk; returns (group id, candidate ids) each."""
+    if not items:
+        return []
+    group_ids = _reserve(con, "seq_groups", len(items))
+    cand_ids = _reserve(con, "seq_candidates", sum(len(c) for _, c in items))
+    groups_df = pd.DataFrame(
+        {"id": group_ids, "round_id": round_id, "prompt_id": [p for p, _ in items]}
     )
-    ids = []
-    for position, cand in enumerate(candidates):
-        ids.append(
-            int(
-                con.execute(
-                    "INSERT INTO candidates (group_id, position, text, n_tokens, finish_reason, "
-                    "logprob) VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
-                    [
-                        group_id,
-                        position,
-                        cand.text,
-                        cand.n_tokens,
-                        cand.finish_reason,
-                        cand.logprob,
-                    ],
-                ).fetchone()[0]
-            )
+    rows, out, at = [], [], 0
+    for gid, (_, cands) in zip(group_ids, items, strict=True):
+        ids = cand_ids[at : at + len(cands)]
+        at += len(cands)
+        out.append((gid, ids))
+        rows.extend(
+            (cid, gid, pos, c.text, c.n_tokens, c.finish_reason, c.logprob)
+            for pos, (cid, c) in enumerate(zip(ids, cands, strict=True))
         )
-    return group_id, ids
+    cands_df = pd.DataFrame(
+        rows, columns=["id", "group_id", "position", "text", "n_tokens", "finish_reason", "logprob"]
+    ).astype({"n_tokens": "Int64", "finish_reason": "object", "logprob": "float64"})
+    con.register("_new_groups", groups_df)
+    con.register("_new_candidates", cands_df)
+    try:
+        con.execute("INSERT INTO groups (id, round_id, prompt_id) SELECT * FROM _new_groups")
+        con.execute(
+            "INSERT INTO candidates (id, group_id, position, text, n_tokens, finish_reason, "
+            "logprob) SELECT * FROM _new_candidates"
+        )
+    finally:
+        con.unregister("_new_groups")
+        con.unregister("_new_candidates")
+    return out
 
 
 def list_rounds(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
