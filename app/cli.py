@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from store.errors import PrefloopError
@@ -390,9 +392,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminated(signum, frame) -> None:
+    raise KeyboardInterrupt(f"terminated by signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run one subcommand; user errors print without a traceback."""
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        # a terminated job unwinds like Ctrl-C, so it is marked failed and leaves nothing half-made
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         args.func(args)
     except PrefloopError as exc:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -17,6 +17,7 @@ class Sample:
     n_tokens: int
     finish_reason: str  # "eos" or "length"
     logprob: float  # summed log-probability under the sampling model at temperature 1
+    token_ids: list[int] = field(default_factory=list)  # generated ids, stop token included
 
 
 class Generator(Protocol):
@@ -71,14 +72,14 @@ class HFGenerator:
         torch.manual_seed(seed)
         sampling = temperature > 0
         out = self.model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
+            # each prompt repeated k times (greedy decoding refuses num_return_sequences > 1)
+            input_ids=ids.repeat_interleave(k, 0).to(device),
+            attention_mask=mask.repeat_interleave(k, 0).to(device),
             do_sample=sampling,
             temperature=temperature if sampling else None,
             top_p=top_p if sampling else None,
             top_k=None,
             max_new_tokens=max_new_tokens,
-            num_return_sequences=k,
             eos_token_id=self.stop_ids,
             pad_token_id=pad,
             return_dict_in_generate=True,
@@ -100,6 +101,7 @@ class HFGenerator:
                 n_tokens=n,
                 finish_reason="eos" if stop_at is not None else "length",
                 logprob=float(token_logps[row, :n].sum()),
+                token_ids=tokens[:n],
             )
             if row % k == 0:
                 results.append([])

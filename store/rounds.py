@@ -183,6 +183,17 @@ def groups(
     ]
 
 
+def candidates(con: duckdb.DuckDBPyConnection, round_id: int) -> pd.DataFrame:
+    """A round's candidates: id, group_id, position, text, n_tokens, finish_reason, logprob."""
+    get_round(con, round_id)
+    return con.execute(
+        "SELECT c.id, c.group_id, c.position, c.text, c.n_tokens, c.finish_reason, c.logprob "
+        "FROM candidates c JOIN groups g ON g.id = c.group_id WHERE g.round_id = ? "
+        "ORDER BY c.group_id, c.position",
+        [int(round_id)],
+    ).df()
+
+
 def latest_round(con: duckdb.DuckDBPyConnection) -> int | None:
     """The newest round's id, or None."""
     row = con.execute("SELECT max(id) FROM rounds").fetchone()

@@ -18,6 +18,14 @@ def _fail(ws: storedb.Workspace, run_id: int, exc: BaseException) -> None:
         runs.fail_run(con, run_id, message)
 
 
+def _remove_stale_staging(ws: storedb.Workspace, running: list[int]) -> None:
+    """Delete adapter folders that killed runs left half-written."""
+    keep = {f".staging-run{r}" for r in running}
+    for path in (ws.artifacts / "adapters").glob(".staging-run*"):
+        if path.name not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def sample_job(
     ws: storedb.Workspace, cfg: SamplingConfig, version: str | None, show_progress: bool = True
 ) -> int:
@@ -62,7 +70,9 @@ def tune_job(
     config = {"method": method, "dataset": dataset_id, "from": from_version, **cfg.to_dict()}
     with storedb.connect(ws) as con:
         info = datasets.get_dataset(con, dataset_id)
+        running = runs.list_runs(con).query("status == 'running'")["id"].tolist()
         run_id = runs.start_run(con, "tune", config)
+    _remove_stale_staging(ws, running)
     run_dir = ws.artifacts / "runs" / str(run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))

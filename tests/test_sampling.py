@@ -1,0 +1,91 @@
+"""Sampling rounds: batching, reproducibility, finish reasons and stored log-probabilities."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from labeling.generation import HFGenerator
+from store import db, rounds
+from tests.cli_helpers import ROOT, cli, run_cli
+from tuning.batching import GroupTokens, collate, sequence_logps
+from tuning.modeling import load_base, load_tokenizer, prompt_ids
+
+PROMPTS = ROOT / "labeling" / "data" / "demo_prompts.jsonl"
+
+
+def _texts(ws: Path, round_id: int) -> list[list[str]]:
+    with db.connect(db.workspace(ws)) as con:
+        return [g.texts for g in rounds.groups(con, round_id=round_id)]
+
+
+def test_same_seed_same_round_and_json_summary(tmp_path: Path, tiny_model_dir: Path, capsys):
+    ws = tmp_path / "ws"
+    cli(capsys, "init", "-w", ws, "--model", tiny_model_dir)
+    cli(capsys, "prompts", "import", PROMPTS, "-w", ws)
+    args = [
+        "sample",
+        "-w",
+        ws,
+        "--k",
+        3,
+        "--limit",
+        5,
+        "--max-new-tokens",
+        10,
+        "--prompts-per-batch",
+        2,
+    ]
+    r1 = int(cli(capsys, *args, "--seed", 7).splitlines()[-1])
+    r2 = int(cli(capsys, *args, "--seed", 7).splitlines()[-1])
+    r3 = int(cli(capsys, *args, "--seed", 8).splitlines()[-1])
+    assert _texts(ws, r1) == _texts(ws, r2)
+    assert _texts(ws, r1) != _texts(ws, r3)
+    assert all(len(set(g)) > 1 for g in _texts(ws, r1))  # K different candidates
+
+    summary = json.loads(cli(capsys, *args, "--seed", 7, "--json"))
+    assert summary["k"] == 3 and summary["groups"] == 5 and summary["model_version"] == "base"
+    assert summary["settings"]["max_new_tokens"] == 10 and summary["settings"]["seed"] == 7
+
+
+def test_round_stores_token_counts_finish_reasons_and_logprobs(
+    tmp_path: Path, tiny_model_dir: Path, capsys
+):
+    ws = tmp_path / "ws"
+    cli(capsys, "init", "-w", ws, "--model", tiny_model_dir)
+    cli(capsys, "prompts", "import", PROMPTS, "-w", ws)
+    proc = run_cli("sample", "-w", ws, "--k", 2, "--limit", 3, "--max-new-tokens", 6)
+    round_id = int(proc.stdout.split()[-1])
+    assert "sampling (base)" in proc.stderr  # the progress bar
+    with db.connect(db.workspace(ws)) as con:
+        cands = rounds.candidates(con, round_id)
+    assert len(cands) == 6
+    assert set(cands["finish_reason"]) <= {"eos", "length"}
+    assert (cands["n_tokens"] <= 6).all() and (cands["n_tokens"] >= 1).all()
+    assert (cands["logprob"] < 0).all()
+
+
+def test_generator_logprobs_are_temperature_one_and_stop_tokens_end_samples(
+    tiny_model_dir: Path,
+):
+    tok = load_tokenizer(str(tiny_model_dir))
+    model = load_base(str(tiny_model_dir))
+    gen = HFGenerator(model, tok)
+    prompts = [prompt_ids(tok, "Say hi.", None), prompt_ids(tok, "Name two colours.", None)]
+    samples = gen.generate(prompts, 3, max_new_tokens=8, temperature=1.7, top_p=0.9, seed=3)
+    assert [len(s) for s in samples] == [3, 3]
+    for p, group in zip(prompts, samples, strict=True):
+        for s in group:
+            assert s.finish_reason == "length" and s.n_tokens == 8 == len(s.token_ids)
+            batch = collate([GroupTokens(p, [s.token_ids])], tok.pad_token_id, 512)
+            with torch.no_grad():
+                expected = float(sequence_logps(model, batch)[0])
+            assert abs(expected - s.logprob) < 1e-3  # raw logits, not the sampling temperature
+
+    # make the first greedy token a stop token: every sample then ends right there with "eos"
+    first = gen.generate(prompts[:1], 1, max_new_tokens=1, temperature=0, top_p=1, seed=0)
+    gen.stop_ids = [first[0][0].token_ids[0]]
+    stopped = gen.generate(prompts[:1], 2, max_new_tokens=8, temperature=0, top_p=1, seed=0)
+    assert all(s.finish_reason == "eos" and s.n_tokens == 1 for s in stopped[0])
