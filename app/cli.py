@@ -178,7 +178,8 @@ def cmd_tune(args: argparse.Namespace) -> None:
         dataset_id=args.dataset,
         show_progress=not args.quiet,
     )
-    print(version)
+    if version:  # only the main process of a multi-process run reports
+        print(version)
 
 
 def cmd_dataset_freeze(args: argparse.Namespace) -> None:

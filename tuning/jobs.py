@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import asdict
 
@@ -24,6 +25,28 @@ def _remove_stale_staging(ws: storedb.Workspace, running: list[int]) -> None:
     for path in (ws.artifacts / "adapters").glob(".staging-run*"):
         if path.name not in keep:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _tune_worker(
+    ws: storedb.Workspace, base: str, cfg: DPOConfig, dataset_id: str, parent: dict | None
+) -> str:
+    """A non-main process of a multi-process run: trains its shard, writes nothing."""
+    from labeling.curation import snapshot_records
+    from tuning.dpo import train_dpo
+
+    with storedb.connect(ws) as con:
+        info = datasets.get_dataset(con, dataset_id)
+    rows = snapshot_records(datasets.read_snapshot(ws, info))
+    train_dpo(
+        base,
+        rows,
+        cfg,
+        ws.artifacts / "adapters" / ".unused",
+        init_adapter=ws.path(parent["adapter_path"]) if parent else None,
+        ref_cache=ws.path(info["path"]),
+        show_progress=False,
+    )
+    return ""
 
 
 def sample_job(
@@ -59,6 +82,7 @@ def tune_job(
     from labeling.curation import freeze_dataset, snapshot_records
     from tuning.dpo import train_dpo
 
+    rank = int(os.environ.get("RANK", "0"))  # set by `accelerate launch` for each process
     if method != "dpo":
         raise PrefloopError(f"unknown tuning method {method!r}; available: dpo")
     with storedb.connect(ws) as con:
@@ -66,8 +90,10 @@ def tune_job(
         parent = models.get_version(con, from_version) if from_version else None
         if dataset_id:
             datasets.get_dataset(con, dataset_id)
-    dataset_id = dataset_id or freeze_dataset(ws)
+    dataset_id = dataset_id or freeze_dataset(ws)  # same content, same id in every process
     config = {"method": method, "dataset": dataset_id, "from": from_version, **cfg.to_dict()}
+    if rank != 0:
+        return _tune_worker(ws, base, cfg, dataset_id, parent)
     with storedb.connect(ws) as con:
         info = datasets.get_dataset(con, dataset_id)
         running = runs.list_runs(con).query("status == 'running'")["id"].tolist()
