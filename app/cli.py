@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 from store.errors import PrefloopError
@@ -400,6 +401,7 @@ def _terminated(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run one subcommand; user errors print without a traceback."""
     args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter
     if threading.current_thread() is threading.main_thread():
         # a terminated job unwinds like Ctrl-C, so it is marked failed and leaves nothing half-made
         signal.signal(signal.SIGTERM, _terminated)
