@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 def fractional_ranks(ranking: list[list[int]]) -> dict[int, float]:
     """1-based rank of each item; tied items share the mean of the places they fill."""
@@ -75,3 +77,60 @@ def group_training_ranking(
     ]
     result = consensus(rankings)
     return result if len(result) > 1 else None
+
+
+GAIN_SCHEDULES = ("linear", "dcg")
+
+
+def place_gains(schedule: str, k: int) -> list[float]:
+    """Gain of each place 1..k: linear (1 → 0), dcg (1/log2(place+1)) or explicit "1,0.6,0.3,0"."""
+    if schedule == "linear":
+        return [1.0 - i / (k - 1) if k > 1 else 1.0 for i in range(k)]
+    if schedule == "dcg":
+        return [1.0 / math.log2(i + 2) for i in range(k)]
+    try:
+        values = [float(v) for v in schedule.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"unknown gain schedule {schedule!r}: use linear, dcg or {k} numbers like 1,0.6,0.3,0"
+        ) from None
+    if len(values) != k:
+        raise ValueError(f"gain schedule {schedule!r} has {len(values)} values; groups have {k}")
+    return values
+
+
+def ranking_gains(ranking: list[list[int]], k: int, schedule: str = "linear") -> list[float]:
+    """Gain per candidate position; tied candidates share the mean of their places' gains."""
+    table = place_gains(schedule, k)
+    gains = [0.0] * k
+    place = 0
+    for tier in ranking:
+        mean = sum(table[place : place + len(tier)]) / len(tier)
+        for item in tier:
+            gains[item] = mean
+        place += len(tier)
+    return gains
+
+
+def mean_gains(rankings: list[list[list[int]]], k: int, schedule: str = "linear") -> list[float]:
+    """Gains averaged over several annotators' rankings of one group."""
+    per = [ranking_gains(r, k, schedule) for r in rankings]
+    return [sum(col) / len(per) for col in zip(*per, strict=True)]
+
+
+def pair_preferences(rankings: list[list[list[int]]]) -> dict[tuple[int, int], float]:
+    """Empirical P(a beats b) over annotators (a tie counts half), for pairs with p > 0.5."""
+    items = sorted({i for r in rankings for tier in r for i in tier})
+    out = {}
+    for a in items:
+        for b in items:
+            if a == b:
+                continue
+            score = 0.0
+            for r in rankings:
+                ranks = fractional_ranks(r)
+                score += 1.0 if ranks[a] < ranks[b] else 0.5 if ranks[a] == ranks[b] else 0.0
+            p = score / len(rankings)
+            if p > 0.5:
+                out[(a, b)] = p
+    return out
