@@ -81,7 +81,9 @@ def sample_round(
                 (
                     int(prompt_id),
                     [
-                        CandidateRecord(s.text, s.n_tokens, s.finish_reason, s.logprob)
+                        CandidateRecord(
+                            s.text, s.n_tokens, s.finish_reason, s.logprob, origin=version
+                        )
                         for s in group
                     ],
                 )

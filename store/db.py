@@ -117,6 +117,28 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX idx_metrics_run ON metrics(run_id);
     """,
+    # 3: which model version wrote each candidate (A/B evaluation rounds mix two), evaluations
+    """
+    DROP INDEX idx_candidates_group;
+    ALTER TABLE candidates ADD COLUMN origin VARCHAR;
+    CREATE INDEX idx_candidates_group ON candidates(group_id);
+    UPDATE candidates SET origin = r.model_version
+        FROM groups g JOIN rounds r ON r.id = g.round_id
+        WHERE g.id = candidates.group_id;
+    CREATE SEQUENCE seq_evals START 1;
+    CREATE TABLE evals (
+        id INTEGER PRIMARY KEY DEFAULT nextval('seq_evals'),
+        kind VARCHAR NOT NULL,
+        version VARCHAR NOT NULL,
+        against VARCHAR,
+        judge VARCHAR,
+        round_ids VARCHAR NOT NULL,
+        metrics VARCHAR NOT NULL,
+        details VARCHAR,
+        run_id INTEGER,
+        created TIMESTAMP DEFAULT current_timestamp
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

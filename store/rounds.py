@@ -19,6 +19,7 @@ class CandidateRecord:
     n_tokens: int | None = None
     finish_reason: str | None = None
     logprob: float | None = None
+    origin: str | None = None  # the model version that wrote it (None: outside data)
 
 
 @dataclass
@@ -87,19 +88,31 @@ def add_groups(
         at += len(cands)
         out.append((gid, ids))
         rows.extend(
-            (cid, gid, pos, c.text, c.n_tokens, c.finish_reason, c.logprob)
+            (cid, gid, pos, c.text, c.n_tokens, c.finish_reason, c.logprob, c.origin)
             for pos, (cid, c) in enumerate(zip(ids, cands, strict=True))
         )
     cands_df = pd.DataFrame(
-        rows, columns=["id", "group_id", "position", "text", "n_tokens", "finish_reason", "logprob"]
-    ).astype({"n_tokens": "Int64", "finish_reason": "object", "logprob": "float64"})
+        rows,
+        columns=[
+            "id",
+            "group_id",
+            "position",
+            "text",
+            "n_tokens",
+            "finish_reason",
+            "logprob",
+            "origin",
+        ],
+    ).astype(
+        {"n_tokens": "Int64", "finish_reason": "object", "logprob": "float64", "origin": "object"}
+    )
     con.register("_new_groups", groups_df)
     con.register("_new_candidates", cands_df)
     try:
         con.execute("INSERT INTO groups (id, round_id, prompt_id) SELECT * FROM _new_groups")
         con.execute(
             "INSERT INTO candidates (id, group_id, position, text, n_tokens, finish_reason, "
-            "logprob) SELECT * FROM _new_candidates"
+            "logprob, origin) SELECT * FROM _new_candidates"
         )
     finally:
         con.unregister("_new_groups")
@@ -184,10 +197,12 @@ def groups(
 
 
 def candidates(con: duckdb.DuckDBPyConnection, round_id: int) -> pd.DataFrame:
-    """A round's candidates: id, group_id, position, text, n_tokens, finish_reason, logprob."""
+    """A round's candidates: id, group_id, prompt_id, position, text, n_tokens, finish_reason,
+    logprob, origin."""
     get_round(con, round_id)
     return con.execute(
-        "SELECT c.id, c.group_id, c.position, c.text, c.n_tokens, c.finish_reason, c.logprob "
+        "SELECT c.id, c.group_id, g.prompt_id, c.position, c.text, c.n_tokens, c.finish_reason, "
+        "c.logprob, c.origin "
         "FROM candidates c JOIN groups g ON g.id = c.group_id WHERE g.round_id = ? "
         "ORDER BY c.group_id, c.position",
         [int(round_id)],

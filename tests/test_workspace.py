@@ -103,3 +103,23 @@ def test_connect_gives_up_with_a_clear_message(tmp_path: Path) -> None:
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_migration_3_backfills_candidate_origins(tmp_path: Path) -> None:
+    ws = db.create(tmp_path / "v2", "m", upto=2)
+    con = duckdb.connect(str(ws.db_path))
+    con.execute("INSERT INTO prompts (text, norm_key, split) VALUES ('hi', 'hi', 'train')")
+    con.execute(
+        "INSERT INTO rounds (model_version, split, k, settings, source) "
+        "VALUES ('v7', 'train', 2, '{}', 'sampled')"
+    )
+    con.execute("INSERT INTO groups (round_id, prompt_id) VALUES (1, 1)")
+    con.execute(
+        "INSERT INTO candidates (group_id, position, text) VALUES (1, 0, 'a'), (1, 1, 'b')"
+    )
+    con.close()
+    from store import rounds
+
+    with db.connect(ws) as con:
+        cands = rounds.candidates(con, 1)
+    assert list(cands["origin"]) == ["v7", "v7"] and list(cands["text"]) == ["a", "b"]
