@@ -260,6 +260,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         "true",
         "--browser.gatherUsageStats",
         "false",
+        "--client.toolbarMode",
+        "minimal",
     ]
     print(f"serving {ws.root} at http://{args.address}:{args.port}", flush=True)
     raise SystemExit(subprocess.call(cmd, env=env))
