@@ -242,6 +242,85 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {n} rows to {path} (card: {path.parent / 'README.md'})")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from tuning.evaluation import EvalConfig
+    from tuning.jobs import eval_job
+
+    cfg = EvalConfig(
+        against=args.against,
+        judge=args.judge,
+        judge_model=args.judge_model,
+        rubric=args.rubric,
+        split=args.split,
+        limit=args.limit,
+        k=args.k,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        beta=args.beta,
+    )
+    ws = _ws(args)
+    if args.model is None:
+        from store import db, models
+
+        with db.connect(ws) as con:
+            args.model = models.latest_version(con)
+    result = eval_job(ws, args.model, cfg)
+    if args.json:
+        print(json.dumps(result, default=float))
+        return
+    print(f"{result['version']} vs {result['against']} (rounds {result['rounds']})")
+    if "winrate" in result:
+        w = result["winrate"]
+        print(
+            f"win-rate {w['win_rate']:.3f} [{w['low']:.3f}, {w['high']:.3f}] "
+            f"(wins {w['wins']}, losses {w['losses']}, ties {w['ties']}; judge {args.judge})"
+        )
+    if "human_ab_round" in result:
+        print(
+            f"A/B evaluation round {result['human_ab_round']} is in the annotator queue; "
+            f"see `prefloop evals human --round {result['human_ab_round']}`"
+        )
+    d = result["drift"]
+    print(
+        f"KL/token {d['kl_per_token']:.4f}; length {d['mean_length']:.1f} "
+        f"({d['length_change']:+.1f}); distinct-2 {d['distinct2']:.3f}; "
+        f"hit limit {d['length_limit_share']:.0%}"
+    )
+    if "preference" in result:
+        p = result["preference"]
+        print(
+            f"held-out preference accuracy {p['accuracy']:.3f} over {p['pairs']} pairs; "
+            f"ECE {p['ece']:.3f}"
+        )
+
+
+def cmd_evals_list(args: argparse.Namespace) -> None:
+    from store import db, evals
+
+    with db.connect(_ws(args)) as con:
+        df = evals.list_evals(con, args.kind)
+    _print_table(df, args.json)
+
+
+def cmd_evals_human(args: argparse.Namespace) -> None:
+    from tuning.evaluation import human_ab_results
+
+    result = human_ab_results(_ws(args), args.round)
+    print(
+        json.dumps(result)
+        if args.json
+        else f"{result['version']} vs {result['against']}: {result['n']} judged; "
+        f"wins {result['wins']}, losses {result['losses']}, ties {result['ties']}"
+        + (
+            f"; win-rate {result['win_rate']:.3f} [{result['low']:.3f}, {result['high']:.3f}]"
+            if result["n"]
+            else ""
+        )
+    )
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     ws = _ws(args)
     script = Path(__file__).resolve().parent / "streamlit_app.py"
@@ -389,6 +468,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=["pairs", "listwise"])
     p.add_argument("--dataset", metavar="VERSION", help="dataset version (default: newest)")
     p.add_argument("--out", required=True, metavar="FILE.jsonl|FILE.parquet")
+
+    p = add("eval", cmd_eval, "evaluate a model version: win-rate, drift, preference accuracy")
+    p.add_argument("--model", metavar="VERSION", help="version to evaluate (default: newest)")
+    p.add_argument(
+        "--against",
+        default="base",
+        metavar="VERSION",
+        help="version to compare with (default: base = π_ref)",
+    )
+    p.add_argument(
+        "--judge",
+        default="llm",
+        help="llm (a local model with a rubric, both orders), human (an A/B round in "
+        "the annotator queue) or module:function (a programmatic judge)",
+    )
+    p.add_argument("--judge-model", help="the LLM judge's model (default: the default model)")
+    p.add_argument("--rubric", help="the LLM judge's rubric (system prompt)")
+    p.add_argument("--split", default="heldout", choices=["train", "heldout"])
+    p.add_argument("--limit", type=int, help="evaluate on the first N prompts of the split")
+    p.add_argument("--k", type=int, default=2, help="samples per prompt and version")
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=1234, help="the same seed samples both versions")
+    p.add_argument("--beta", type=float, help="implicit-reward β (default: the version's)")
+    p.add_argument("--json", action="store_true")
+
+    ev = sub.add_parser("evals", help="evaluation results").add_subparsers(
+        dest="sub", required=True, metavar="SUBCOMMAND"
+    )
+    p = add("list", cmd_evals_list, "list stored evaluations", ev)
+    p.add_argument("--kind", choices=["winrate", "drift", "preference"])
+    p.add_argument("--json", action="store_true")
+    p = add("human", cmd_evals_human, "win-rate of a human A/B evaluation round so far", ev)
+    p.add_argument("--round", type=int, required=True)
+    p.add_argument("--json", action="store_true")
 
     p = add("serve", cmd_serve, "serve the web app (annotator and researcher pages)")
     p.add_argument("--port", type=int, default=8501)

@@ -69,6 +69,23 @@ def sample_job(
     return round_id
 
 
+def eval_job(ws: storedb.Workspace, version: str, cfg) -> dict:
+    """Evaluate a version as a tracked job; returns the results."""
+    from tuning.evaluation import evaluate
+
+    with storedb.connect(ws) as con:
+        models.get_version(con, version)
+        run_id = runs.start_run(con, "eval", {**asdict(cfg), "model_version": version})
+    try:
+        result = evaluate(ws, version, cfg)
+    except BaseException as exc:
+        _fail(ws, run_id, exc)
+        raise
+    with storedb.connect(ws) as con:
+        runs.finish_run(con, run_id, f"eval {version} vs {cfg.against}")
+    return result
+
+
 def tune_job(
     ws: storedb.Workspace,
     cfg: DPOConfig,
