@@ -18,7 +18,7 @@ from store.prompts import SPLITS
 from tuning import launcher
 from tuning.config import DPOConfig, LoraSettings, SamplingConfig
 
-PAGES = ("Annotator", "Researcher")
+PAGES = ("Annotator", "Researcher", "Evaluation")
 REFRESH_S = 3.0
 NO_PARENT = "(base model)"
 NEW_DATASET = "(freeze the current labels)"
@@ -555,8 +555,12 @@ def main() -> None:
     try:
         if page == "Annotator":
             annotator_page(ws)
-        else:
+        elif page == "Researcher":
             researcher_page(ws)
+        else:
+            from app.eval_page import evaluation_page
+
+            evaluation_page(ws)
     except PrefloopError as exc:
         st.error(str(exc))
 

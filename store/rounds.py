@@ -209,6 +209,18 @@ def candidates(con: duckdb.DuckDBPyConnection, round_id: int) -> pd.DataFrame:
     ).df()
 
 
+def comparable_round(round_df: pd.DataFrame, round_id: int) -> int | None:
+    """The newest other round sampled with the same settings by a different model version."""
+    row = round_df.set_index("id").loc[round_id]
+    same = {k: v for k, v in row["settings"].items() if k != "model_version"}
+    for other in round_df.sort_values("id", ascending=False).itertuples():
+        if other.id == round_id or other.model_version == row["model_version"]:
+            continue
+        if {k: v for k, v in other.settings.items() if k != "model_version"} == same:
+            return int(other.id)
+    return None
+
+
 def latest_round(con: duckdb.DuckDBPyConnection) -> int | None:
     """The newest round's id, or None."""
     row = con.execute("SELECT max(id) FROM rounds").fetchone()

@@ -245,3 +245,26 @@ def read_tail(path: Path | None, lines: int = 40, max_bytes: int = 65_536) -> li
         if shown:
             out.append(shown[-1].rstrip())
     return out[-lines:]
+
+
+def eval_args(version: str, cfg) -> list[str]:
+    """The `prefloop eval` arguments for an evaluation config (tuning.evaluation.EvalConfig)."""
+    args = [
+        "eval",
+        "--model", version,
+        "--against", cfg.against,
+        "--judge", cfg.judge,
+        "--split", cfg.split,
+        "--k", str(cfg.k),
+        "--max-new-tokens", str(cfg.max_new_tokens),
+        "--temperature", repr(float(cfg.temperature)),
+        "--top-p", repr(float(cfg.top_p)),
+        "--seed", str(cfg.seed),
+    ]  # fmt: skip
+    if cfg.limit:
+        args += ["--limit", str(cfg.limit)]
+    if cfg.judge_model:
+        args += ["--judge-model", cfg.judge_model]
+    if cfg.rubric:
+        args += ["--rubric", cfg.rubric]
+    return args
