@@ -7,7 +7,7 @@ import json
 import duckdb
 import pandas as pd
 
-from labeling.ranking import group_training_ranking, ordered_pairs
+from labeling.ranking import group_training_ranking, ordered_pairs, usable_rankings
 from store import datasets, labels, rounds
 from store import db as storedb
 
@@ -44,6 +44,7 @@ def training_rows(
                 "sample_logprobs": [float("nan") if x is None else x for x in g.logprobs],
                 "ranking": ranking,
                 "n_labels": len(by_group[g.group_id]),
+                "rankings": usable_rankings(g.candidate_ids, by_group[g.group_id]),
             }
         )
     return pd.DataFrame(out, columns=datasets.SNAPSHOT_COLUMNS), left_out

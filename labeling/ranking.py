@@ -60,6 +60,18 @@ def ordered_pairs(ranking: list[list[int]]) -> list[tuple[int, int]]:
     ]
 
 
+def usable_rankings(
+    candidate_ids: list[int], labels: list[tuple[list[list[int]] | None, list[str]]]
+) -> list[list[list[int]]]:
+    """Each annotator's ranking in candidate positions, skipped and unranked labels left out."""
+    position = {cid: i for i, cid in enumerate(candidate_ids)}
+    return [
+        [[position[c] for c in tier] for tier in ranking]
+        for ranking, flags in labels
+        if ranking is not None and "skipped" not in flags
+    ]
+
+
 def group_training_ranking(
     candidate_ids: list[int], labels: list[tuple[list[list[int]] | None, list[str]]]
 ) -> list[list[int]] | None:
@@ -69,13 +81,7 @@ def group_training_ranking(
     """
     if any("all_bad" in flags for _, flags in labels):
         return None
-    position = {cid: i for i, cid in enumerate(candidate_ids)}
-    rankings = [
-        [[position[c] for c in tier] for tier in ranking]
-        for ranking, flags in labels
-        if ranking is not None and "skipped" not in flags
-    ]
-    result = consensus(rankings)
+    result = consensus(usable_rankings(candidate_ids, labels))
     return result if len(result) > 1 else None
 
 

@@ -24,6 +24,7 @@ SNAPSHOT_COLUMNS = [
     "sample_logprobs",
     "ranking",
     "n_labels",
+    "rankings",  # every annotator's ranking (positions), for soft labels and averaged gains
 ]
 
 
@@ -39,9 +40,8 @@ def _canonical(value):
 
 def content_hash(rows: pd.DataFrame) -> str:
     """sha256 of the snapshot's rows in canonical JSON (stable across a Parquet round trip)."""
-    records = [
-        {k: _canonical(v) for k, v in r.items()} for r in rows[SNAPSHOT_COLUMNS].to_dict("records")
-    ]
+    columns = [c for c in SNAPSHOT_COLUMNS if c in rows.columns]  # older snapshots lack some
+    records = [{k: _canonical(v) for k, v in r.items()} for r in rows[columns].to_dict("records")]
     payload = json.dumps(records, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
 
@@ -123,9 +123,16 @@ def read_snapshot(ws: Workspace, info: dict) -> pd.DataFrame:
         raise PrefloopError(f"snapshot file {path} of dataset {info['id']} is missing")
     rows = pd.read_parquet(path)
     rows["ranking"] = rows["ranking"].map(lambda r: [list(map(int, t)) for t in r])
+    if "rankings" in rows.columns:
+        rows["rankings"] = rows["rankings"].map(
+            lambda rs: [[list(map(int, t)) for t in r] for r in rs]
+        )
     for col in ("candidate_ids", "texts", "sample_logprobs"):
         rows[col] = rows[col].map(list)
-    if content_hash(rows) != info["content_hash"]:
+    digest = content_hash(rows)
+    if "rankings" not in rows.columns:
+        rows["rankings"] = rows["ranking"].map(lambda r: [r])
+    if digest != info["content_hash"]:
         raise PrefloopError(
             f"snapshot {path} does not match the content hash of dataset {info['id']}; "
             "it was modified outside prefloop"
