@@ -155,22 +155,46 @@ def cmd_labels_import(args: argparse.Namespace) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
-    from tuning.config import DPOConfig, LoraSettings
+    from tuning.config import DPOConfig, GRPOConfig, LoraSettings
     from tuning.jobs import tune_job
 
-    cfg = DPOConfig(
-        beta=args.beta,
+    lora = LoraSettings(
+        r=args.lora_r,
+        alpha=args.lora_alpha,
+        target_modules=[m.strip() for m in args.target_modules.split(",") if m.strip()],
+    )
+    common = dict(
         epochs=args.epochs,
         lr=args.lr,
         max_length=args.max_length,
         groups_per_step=args.groups_per_step,
         seed=args.seed,
-        lora=LoraSettings(
-            r=args.lora_r,
-            alpha=args.lora_alpha,
-            target_modules=[m.strip() for m in args.target_modules.split(",") if m.strip()],
-        ),
+        lora=lora,
     )
+    if args.method == "grpo":
+        cfg = GRPOConfig(
+            beta=0.04 if args.beta is None else args.beta,
+            gains=args.gains,
+            scale_rewards=args.scale_rewards,
+            epsilon=args.epsilon,
+            epsilon_high=args.epsilon_high,
+            target_kl=args.target_kl,
+            loss_type=args.loss_type,
+            ppo_epochs=args.ppo_epochs,
+            entropy_coef=args.entropy_coef,
+            **common,
+        )
+    else:
+        cfg = DPOConfig(
+            beta=0.1 if args.beta is None else args.beta,
+            loss_type=args.loss,
+            label_smoothing=args.label_smoothing,
+            sft_weight=args.sft_weight,
+            listwise=args.listwise,
+            soft_labels=not args.hard_labels,
+            early_stop=args.early_stop,
+            **common,
+        )
     version = tune_job(
         _ws(args),
         cfg,
@@ -429,11 +453,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--split", default="train", choices=["train", "heldout"])
 
-    p = add("tune", cmd_tune, "train a LoRA adapter on the labelled groups")
-    p.add_argument("--method", default="dpo", choices=["dpo"])
-    p.add_argument("--beta", type=float, default=0.1)
+    p = add("tune", cmd_tune, "train a LoRA adapter on the labelled groups (DPO or GRPO)")
+    p.add_argument("--method", default="dpo", choices=["dpo", "grpo"])
+    p.add_argument(
+        "--beta",
+        type=float,
+        help="DPO: β of the implicit reward (default 0.1); GRPO: KL weight (0.04)",
+    )
+    dpo = p.add_argument_group("DPO family")
+    dpo.add_argument("--loss", default="sigmoid", choices=["sigmoid", "ipo", "hinge", "robust"])
+    dpo.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=0.0,
+        help="ε of conservative (sigmoid) or robust DPO",
+    )
+    dpo.add_argument(
+        "--sft-weight",
+        type=float,
+        default=0.0,
+        help="α: add α × the top-ranked candidate's NLL per token",
+    )
+    dpo.add_argument(
+        "--listwise",
+        action="store_true",
+        help="Plackett–Luce over the whole ranking instead of all pairs",
+    )
+    dpo.add_argument(
+        "--hard-labels",
+        action="store_true",
+        help="pairs from the consensus ranking only (default with several "
+        "annotators: soft targets = their empirical preference probability)",
+    )
+    dpo.add_argument(
+        "--early-stop",
+        type=int,
+        default=0,
+        metavar="PATIENCE",
+        help="stop after PATIENCE epochs without better held-out preference "
+        "accuracy and keep the best epoch (needs labelled held-out groups)",
+    )
+    grpo = p.add_argument_group("GRPO")
+    grpo.add_argument(
+        "--gains", default="linear", help="rank → gain: linear, dcg, or values such as 1,0.6,0.3,0"
+    )
+    grpo.add_argument("--scale-rewards", default="group", choices=["group", "batch", "none"])
+    grpo.add_argument("--epsilon", type=float, default=0.2)
+    grpo.add_argument("--epsilon-high", type=float)
+    grpo.add_argument(
+        "--target-kl", type=float, help="adapt β to hold this KL per token (e.g. 0.05–0.2 nats)"
+    )
+    grpo.add_argument("--loss-type", default="grpo", choices=["grpo", "bnpo", "dr_grpo"])
+    grpo.add_argument("--ppo-epochs", type=int, default=1, help="passes over each batch")
+    grpo.add_argument("--entropy-coef", type=float, default=0.0, help="entropy bonus weight")
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-alpha", type=int, default=32)
     p.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj")

@@ -16,9 +16,17 @@ from store import db as storedb
 from store.errors import PrefloopError
 from store.prompts import SPLITS
 from tuning import launcher
-from tuning.config import DPOConfig, LoraSettings, SamplingConfig
+from tuning.config import DPOConfig, GRPOConfig, LoraSettings, SamplingConfig
 
 PAGES = ("Annotator", "Researcher", "Evaluation")
+METHODS = {  # label -> (method, DPO loss; None = listwise Plackett–Luce)
+    "DPO (sigmoid)": ("dpo", "sigmoid"),
+    "DPO (IPO)": ("dpo", "ipo"),
+    "DPO (hinge)": ("dpo", "hinge"),
+    "DPO (robust)": ("dpo", "robust"),
+    "DPO listwise (Plackett–Luce)": ("dpo", None),
+    "GRPO": ("grpo", None),
+}
 REFRESH_S = 3.0
 NO_PARENT = "(base model)"
 NEW_DATASET = "(freeze the current labels)"
@@ -310,7 +318,8 @@ def _sampling_form(ws: storedb.Workspace, version_ids: list[str], newest: str) -
 def _tuning_form(ws: storedb.Workspace, version_ids: list[str], dataset_ids: list[str]) -> None:
     default = DPOConfig()
     with st.form("tune_form"):
-        st.subheader("Start a DPO run")
+        st.subheader("Start a tuning run")
+        method = st.selectbox("Method", list(METHODS), key="tune_method")
         c1, c2 = st.columns(2)
         beta = c1.number_input(
             "Beta", min_value=0.001, max_value=10.0, value=default.beta, key="tune_beta"
@@ -348,20 +357,47 @@ def _tuning_form(ws: storedb.Workspace, version_ids: list[str], dataset_ids: lis
         dataset = c2.selectbox(
             "Dataset version", [NEW_DATASET, *reversed(dataset_ids)], key="tune_dataset"
         )
-        if st.form_submit_button("Start DPO run", key="start_tuning"):
-            cfg = DPOConfig(
-                beta=float(beta),
+        sft = c1.number_input("DPO: SFT weight α", min_value=0.0, value=0.0, key="tune_sft")
+        gains = c2.text_input(
+            "GRPO: gains (linear, dcg or 1,0.6,0.3,0)", "linear", key="tune_gains"
+        )
+        target_kl = c1.number_input(
+            "GRPO: target KL per token (0 = fixed β)",
+            min_value=0.0,
+            value=0.0,
+            format="%.3f",
+            key="tune_target_kl",
+        )
+        if st.form_submit_button("Start tuning run", key="start_tuning"):
+            name, loss = METHODS[method]
+            common = dict(
                 epochs=int(epochs),
                 lr=float(lr),
                 groups_per_step=int(groups_per_step),
                 lora=LoraSettings(r=int(lora_r), alpha=int(lora_alpha)),
             )
+            if name == "grpo":
+                cfg = GRPOConfig(
+                    beta=float(beta),
+                    gains=gains.strip() or "linear",
+                    target_kl=float(target_kl) or None,
+                    **common,
+                )
+            else:
+                cfg = DPOConfig(
+                    beta=float(beta),
+                    loss_type=loss or "sigmoid",
+                    listwise=loss is None,
+                    sft_weight=float(sft),
+                    **common,
+                )
             args = launcher.tune_args(
                 cfg,
+                method=name,
                 from_version=None if parent == NO_PARENT else parent,
                 dataset_id=None if dataset == NEW_DATASET else dataset,
             )
-            _launch(ws, args, "a DPO run")
+            _launch(ws, args, f"a {method} run")
 
 
 def _metric_charts(metrics: pd.DataFrame) -> None:

@@ -26,11 +26,11 @@ def training_rows(
     by_group: dict[int, list] = {}
     for row in labs.itertuples():
         by_group.setdefault(int(row.group_id), []).append((row.ranking, list(row.flags)))
-    out, left_out = [], {"flagged_or_skipped_or_tied": 0}
+    out, left_out = [], {"flagged_or_skipped": 0}
     for g in rounds.groups(con, group_ids=sorted(by_group)):
         ranking = group_training_ranking(g.candidate_ids, by_group[g.group_id])
         if ranking is None:
-            left_out["flagged_or_skipped_or_tied"] += 1
+            left_out["flagged_or_skipped"] += 1
             continue
         out.append(
             {

@@ -75,14 +75,17 @@ def usable_rankings(
 def group_training_ranking(
     candidate_ids: list[int], labels: list[tuple[list[list[int]] | None, list[str]]]
 ) -> list[list[int]] | None:
-    """Consensus ranking (tiers of candidate positions) of a group, or None if it carries no signal.
+    """Consensus ranking (tiers of candidate positions) of a group; None without a usable label.
+
+    An all-tied consensus is kept: DPO forms no pair from it, GRPO counts it as a zero-spread
+    group.
 
     Groups flagged all_bad by any annotator are left out; skipped labels are ignored.
     """
     if any("all_bad" in flags for _, flags in labels):
         return None
     result = consensus(usable_rankings(candidate_ids, labels))
-    return result if len(result) > 1 else None
+    return result or None
 
 
 GAIN_SCHEDULES = ("linear", "dcg")

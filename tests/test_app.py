@@ -491,7 +491,7 @@ def test_dpo_form_trains_a_version_with_metrics(model_ws):
     at.number_input(key="tune_lora_r").set_value(4)
     at.number_input(key="tune_lora_alpha").set_value(8)
     click(at, "start_tuning")
-    assert any("Started a DPO run" in v for v in element_values(at, "success"))
+    assert any("Started a DPO (sigmoid) run" in v for v in element_values(at, "success"))
 
     row = finished_run(model_ws, "tune")
     assert row["result"] == "v1"

@@ -36,8 +36,42 @@ class DPOConfig:
     """A DPO run: loss, optimisation and data settings."""
 
     beta: float = 0.1
+    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge | robust
+    label_smoothing: float = 0.0
+    sft_weight: float = 0.0
+    listwise: bool = False  # Plackett–Luce over the whole ranking
+    soft_labels: bool = True  # several annotators: targets are their agreement
+    early_stop: int = 0  # patience in epochs on held-out preference accuracy (0: off)
     epochs: int = 3
-    lr: float = 1e-4
+    lr: float = 5e-4
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int = 512
+    groups_per_step: int = 4
+    seed: int = 0
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+    def to_dict(self) -> dict:
+        """A plain dict of every setting, for storing with the model version."""
+        return asdict(self)
+
+
+@dataclass
+class GRPOConfig:
+    """A GRPO run on ranked groups: gains, advantages, clipping, KL and optimisation settings."""
+
+    gains: str = "linear"  # linear | dcg | explicit "1,0.6,0.3,0"
+    scale_rewards: str = "group"  # group | batch | none
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    beta: float = 0.04
+    target_kl: float | None = None  # nats per token; adapts beta when set
+    loss_type: str = "grpo"  # grpo | bnpo | dr_grpo
+    ppo_epochs: int = 1
+    entropy_coef: float = 0.0
+    epochs: int = 3
+    lr: float = 5e-4
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0

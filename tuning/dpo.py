@@ -7,18 +7,18 @@ import json
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from labeling.ranking import ordered_pairs
+from labeling.ranking import ordered_pairs, pair_preferences
 from store.errors import PrefloopError
 from tuning.batching import GroupTokens, collate, sequence_logps
-from tuning.config import DPOConfig
-from tuning.losses import dpo_loss
+from tuning.config import DPOConfig, GRPOConfig
+from tuning.losses import dpo_loss, plackett_luce_loss, preference_loss
 from tuning.modeling import completion_ids, limit_threads, load_tokenizer, load_version, prompt_ids
 
 StepCallback = Callable[[int, dict[str, float]], None]
@@ -26,25 +26,40 @@ StepCallback = Callable[[int, dict[str, float]], None]
 
 @dataclass
 class TrainGroup:
-    """A group ready for training: tokens, the pairs its ranking orders, reference log-probs."""
+    """A group ready for training: tokens, its consensus ranking, the pairs it orders with their
+    target probabilities, and reference log-probs."""
 
     tokens: GroupTokens
     pairs: list[tuple[int, int]]
+    targets: list[float] = field(default_factory=list)
+    ranking: list[list[int]] = field(default_factory=list)
     ref_logps: torch.Tensor | None = None
 
 
-def build_groups(rows: list[dict], tokenizer, max_length: int) -> list[TrainGroup]:
-    """Tokenise snapshot rows; groups whose ranking orders no pair are left out."""
+def build_groups(
+    rows: list[dict], tokenizer, max_length: int, soft: bool = False
+) -> list[TrainGroup]:
+    """Tokenise snapshot rows; groups whose ranking orders no pair are left out.
+
+    With soft labels and several annotators, a pair's target is the share of annotators who
+    prefer its first candidate (ties count half); otherwise pairs come from the consensus.
+    """
     groups = []
     for row in rows:
-        pairs = ordered_pairs(row["ranking"])
+        rankings = row.get("rankings") or [row["ranking"]]
+        if soft and len(rankings) > 1:
+            prefs = pair_preferences(rankings)
+            pairs, targets = list(prefs), list(prefs.values())
+        else:
+            pairs = ordered_pairs(row["ranking"])
+            targets = [1.0] * len(pairs)
         if not pairs:
             continue
         tokens = GroupTokens(
             prompt_ids(tokenizer, row["prompt"], row.get("messages")),
             [completion_ids(tokenizer, t) for t in row["texts"]],
         )
-        groups.append(TrainGroup(tokens, pairs))
+        groups.append(TrainGroup(tokens, pairs, targets, row["ranking"]))
     return groups
 
 
@@ -69,8 +84,7 @@ def reference_logps(
             return
     model.eval()
     with model.disable_adapter():
-        for i in range(0, len(groups), cfg.groups_per_step):
-            chunk = groups[i : i + cfg.groups_per_step]
+        for chunk in _chunks_by_length(groups, cfg.groups_per_step):
             batch = collate([g.tokens for g in chunk], pad_id, cfg.max_length).to(model.device)
             logps = sequence_logps(model, batch).cpu()
             for g, start in zip(chunk, batch.group_offsets, strict=True):
@@ -81,13 +95,54 @@ def reference_logps(
         tmp.replace(path)
 
 
+def _chunks_by_length(groups: list[TrainGroup], size: int) -> list[list[TrainGroup]]:
+    """Groups in chunks of similar token counts, for passes whose batching order is free."""
+    ordered = sorted(
+        groups, key=lambda g: len(g.tokens.prompt) + sum(map(len, g.tokens.completions))
+    )
+    return [ordered[i : i + size] for i in range(0, len(ordered), size)]
+
+
+def group_loss(
+    logps: torch.Tensor,
+    ref: torch.Tensor,
+    chunk: list[TrainGroup],
+    offsets: list[int],
+    cfg: DPOConfig,
+    lengths: torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The configured DPO-family loss of a batch of groups, plus TRL's metrics."""
+    chosen, rejected = _pair_index(chunk, offsets)
+    targets = torch.tensor([t for g in chunk for t in g.targets], dtype=logps.dtype)
+    loss, metrics = preference_loss(
+        logps, ref, chosen, rejected, cfg.beta, cfg.loss_type, cfg.label_smoothing,
+        targets.to(logps.device),
+    )  # fmt: skip
+    if cfg.listwise:
+        rewards = cfg.beta * (logps - ref)
+        loss = torch.stack(
+            [
+                plackett_luce_loss(rewards[start : start + len(g.tokens.completions)], g.ranking)
+                for g, start in zip(chunk, offsets, strict=True)
+            ]
+        ).mean()
+    if cfg.sft_weight:
+        best = [start + i for g, start in zip(chunk, offsets, strict=True) for i in g.ranking[0]]
+        idx = torch.tensor(best, device=logps.device)
+        nll = -(logps[idx] / lengths[idx]).mean()
+        metrics["nll_loss"] = nll.detach()
+        loss = loss + cfg.sft_weight * nll
+    return loss, metrics
+
+
 def _pair_index(chunk: list[TrainGroup], offsets: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     chosen = [start + a for g, start in zip(chunk, offsets, strict=True) for a, _ in g.pairs]
     rejected = [start + b for g, start in zip(chunk, offsets, strict=True) for _, b in g.pairs]
     return torch.tensor(chosen), torch.tensor(rejected)
 
 
-def _new_adapter(base: str, cfg: DPOConfig):
+def new_adapter(base: str, cfg: DPOConfig | GRPOConfig):
+    """The base model with a fresh LoRA adapter of cfg.lora's shape."""
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(
@@ -110,14 +165,19 @@ def train_dpo(
     ref_cache: Path | None = None,
     on_step: StepCallback | None = None,
     show_progress: bool = True,
+    heldout_rows: list[dict] | None = None,
 ) -> dict[str, float]:
-    """Train a LoRA adapter with DPO on ranked groups; save it to out_dir; return final metrics."""
+    """Train a LoRA adapter with DPO on ranked groups; save it to out_dir; return final metrics.
+
+    With cfg.early_stop and held-out rows, held-out preference accuracy is measured after each
+    epoch; training stops after early_stop epochs without improvement and keeps the best epoch.
+    """
     limit_threads()
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     tokenizer = load_tokenizer(base)
-    groups = build_groups(rows, tokenizer, cfg.max_length)
+    groups = build_groups(rows, tokenizer, cfg.max_length, cfg.soft_labels)
     if not groups:
         raise PrefloopError(
             "the dataset has no ordered pairs (every group is tied or flagged); rank more groups"
@@ -125,9 +185,13 @@ def train_dpo(
     if init_adapter is not None:
         model = load_version(base, init_adapter, trainable=True)
     else:
-        model = _new_adapter(base, cfg)
+        model = new_adapter(base, cfg)
     model.to(accelerator.device)
     reference_logps(model, groups, tokenizer.pad_token_id, cfg, ref_cache, base)
+    heldout = build_groups(heldout_rows or [], tokenizer, cfg.max_length, cfg.soft_labels)
+    if cfg.early_stop and heldout:
+        reference_logps(model, heldout, tokenizer.pad_token_id, cfg, None, base)
+    best_acc, best_state, since_best = -1.0, None, 0
 
     steps_per_epoch = math.ceil(len(groups) / cfg.groups_per_step)
     total_steps = steps_per_epoch * cfg.epochs
@@ -157,8 +221,10 @@ def train_dpo(
             batch = batch.to(accelerator.device)
             logps = sequence_logps(model, batch)
             ref = torch.cat([g.ref_logps for g in chunk]).to(logps.device)
-            chosen, rejected = _pair_index(chunk, batch.group_offsets)
-            loss, metrics = dpo_loss(logps, ref, chosen, rejected, cfg.beta)
+            lengths = torch.tensor(
+                [len(c) for g in chunk for c in g.tokens.completions], device=logps.device
+            )
+            loss, metrics = group_loss(logps, ref, chunk, batch.group_offsets, cfg, lengths)
             accelerator.backward(loss)
             grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
@@ -176,12 +242,32 @@ def train_dpo(
             bar.set_postfix(loss=f"{logged['loss']:.4f}", acc=f"{logged['rewards/accuracies']:.2f}")
             if on_step is not None and accelerator.is_main_process:
                 on_step(step, logged)
+        if cfg.early_stop and heldout:
+            unwrapped = accelerator.unwrap_model(model)
+            acc = evaluate_groups(unwrapped, heldout, tokenizer.pad_token_id, cfg)[
+                "rewards/accuracies"
+            ]
+            if on_step is not None and accelerator.is_main_process:
+                on_step(step, {"eval/rewards/accuracies": acc, "epoch": epoch + 1})
+            if acc > best_acc:
+                best_acc, since_best = acc, 0
+                best_state = {
+                    k: v.detach().clone() for k, v in unwrapped.state_dict().items() if "lora_" in k
+                }
+            else:
+                since_best += 1
+                if since_best >= cfg.early_stop:
+                    break
     bar.close()
+    if best_state is not None:
+        accelerator.unwrap_model(model).load_state_dict(best_state, strict=False)
 
     final = evaluate_groups(accelerator.unwrap_model(model), groups, tokenizer.pad_token_id, cfg)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(str(out_dir))
+    if best_state is not None:
+        final["eval/rewards/accuracies"] = best_acc
     return final
 
 
@@ -192,15 +278,14 @@ def evaluate_groups(
     """Loss and reward metrics of the current policy over all pairs of the groups."""
     model.eval()
     all_logps, all_ref, chosen, rejected, at = [], [], [], [], 0
-    for i in range(0, len(groups), cfg.groups_per_step):
-        chunk = groups[i : i + cfg.groups_per_step]
+    for chunk in _chunks_by_length(groups, cfg.groups_per_step):
         batch = collate([g.tokens for g in chunk], pad_id, cfg.max_length).to(model.device)
         all_logps.append(sequence_logps(model, batch).cpu())
         all_ref.extend(g.ref_logps for g in chunk)
         c, r = _pair_index(chunk, [at + o for o in batch.group_offsets])
         chosen.append(c)
         rejected.append(r)
-        at += batch.input_ids.shape[0]
+        at += batch.n_candidates
     loss, metrics = dpo_loss(
         torch.cat(all_logps), torch.cat(all_ref), torch.cat(chosen), torch.cat(rejected), cfg.beta
     )

@@ -10,7 +10,7 @@ from dataclasses import asdict
 from store import datasets, models, runs
 from store import db as storedb
 from store.errors import PrefloopError
-from tuning.config import DPOConfig, SamplingConfig
+from tuning.config import DPOConfig, GRPOConfig, SamplingConfig
 
 
 def _fail(ws: storedb.Workspace, run_id: int, exc: BaseException) -> None:
@@ -27,26 +27,63 @@ def _remove_stale_staging(ws: storedb.Workspace, running: list[int]) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _tune_worker(
-    ws: storedb.Workspace, base: str, cfg: DPOConfig, dataset_id: str, parent: dict | None
-) -> str:
-    """A non-main process of a multi-process run: trains its shard, writes nothing."""
+def _train(
+    ws: storedb.Workspace,
+    base: str,
+    method: str,
+    cfg: DPOConfig | GRPOConfig,
+    info: dict,
+    parent: dict | None,
+    out_dir,
+    on_step=None,
+    show_progress: bool = True,
+) -> dict:
+    """Run the method's training loop on a dataset version; returns its final metrics."""
     from labeling.curation import snapshot_records
+
+    rows = snapshot_records(datasets.read_snapshot(ws, info))
+    init = ws.path(parent["adapter_path"]) if parent else None
+    if method == "grpo":
+        from tuning.grpo import train_grpo
+
+        with storedb.connect(ws) as con:
+            versions = models.list_versions(con)
+        adapters = {str(v.id): ws.path(v.adapter_path) for v in versions.itertuples()}
+        return train_grpo(
+            base,
+            rows,
+            cfg,
+            out_dir,
+            adapters=adapters,
+            init_adapter=init,
+            on_step=on_step,
+            show_progress=show_progress,
+        )
     from tuning.dpo import train_dpo
 
-    with storedb.connect(ws) as con:
-        info = datasets.get_dataset(con, dataset_id)
-    rows = snapshot_records(datasets.read_snapshot(ws, info))
-    train_dpo(
+    heldout = None
+    if cfg.early_stop:
+        from labeling.curation import training_rows
+
+        with storedb.connect(ws) as con:
+            held_df, _ = training_rows(con, split="heldout")
+        heldout = snapshot_records(held_df)
+        if not heldout:
+            raise PrefloopError(
+                "--early-stop needs labelled held-out groups: sample and rank a round with "
+                "--split heldout first"
+            )
+    return train_dpo(
         base,
         rows,
         cfg,
-        ws.artifacts / "adapters" / ".unused",
-        init_adapter=ws.path(parent["adapter_path"]) if parent else None,
+        out_dir,
+        init_adapter=init,
         ref_cache=ws.path(info["path"]),
-        show_progress=False,
+        on_step=on_step,
+        show_progress=show_progress,
+        heldout_rows=heldout,
     )
-    return ""
 
 
 def sample_job(
@@ -88,7 +125,7 @@ def eval_job(ws: storedb.Workspace, version: str, cfg) -> dict:
 
 def tune_job(
     ws: storedb.Workspace,
-    cfg: DPOConfig,
+    cfg: DPOConfig | GRPOConfig,
     *,
     method: str = "dpo",
     from_version: str | None = None,
@@ -96,12 +133,11 @@ def tune_job(
     show_progress: bool = True,
 ) -> str:
     """Freeze (or reuse) a dataset version, train an adapter on it, register the new version."""
-    from labeling.curation import freeze_dataset, snapshot_records
-    from tuning.dpo import train_dpo
+    from labeling.curation import freeze_dataset
 
     rank = int(os.environ.get("RANK", "0"))  # set by `accelerate launch` for each process
-    if method != "dpo":
-        raise PrefloopError(f"unknown tuning method {method!r}; available: dpo")
+    if method not in ("dpo", "grpo"):
+        raise PrefloopError(f"unknown tuning method {method!r}; available: dpo, grpo")
     with storedb.connect(ws) as con:
         base = models.base_model(con)
         parent = models.get_version(con, from_version) if from_version else None
@@ -109,10 +145,21 @@ def tune_job(
             datasets.get_dataset(con, dataset_id)
     dataset_id = dataset_id or freeze_dataset(ws)  # same content, same id in every process
     config = {"method": method, "dataset": dataset_id, "from": from_version, **cfg.to_dict()}
-    if rank != 0:
-        return _tune_worker(ws, base, cfg, dataset_id, parent)
     with storedb.connect(ws) as con:
         info = datasets.get_dataset(con, dataset_id)
+    if rank != 0:  # a non-main process of a multi-process run: train its shard, record nothing
+        _train(
+            ws,
+            base,
+            method,
+            cfg,
+            info,
+            parent,
+            ws.artifacts / "adapters" / ".unused",
+            show_progress=False,
+        )
+        return ""
+    with storedb.connect(ws) as con:
         running = runs.list_runs(con).query("status == 'running'")["id"].tolist()
         run_id = runs.start_run(con, "tune", config)
     _remove_stale_staging(ws, running)
@@ -126,17 +173,7 @@ def tune_job(
             runs.heartbeat(con, run_id, metrics, step)
 
     try:
-        rows = snapshot_records(datasets.read_snapshot(ws, info))
-        final = train_dpo(
-            base,
-            rows,
-            cfg,
-            staging,
-            init_adapter=ws.path(parent["adapter_path"]) if parent else None,
-            ref_cache=ws.path(info["path"]),
-            on_step=on_step,
-            show_progress=show_progress,
-        )
+        final = _train(ws, base, method, cfg, info, parent, staging, on_step, show_progress)
         (run_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
         with storedb.connect(ws) as con:
             version = models.register_version(

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from store import db as storedb
 from store.errors import PrefloopError
-from tuning.config import DPOConfig, SamplingConfig
+from tuning.config import DPOConfig, GRPOConfig, SamplingConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 LOG_DIR = "runs"
@@ -55,13 +55,13 @@ def sample_args(cfg: SamplingConfig, version: str | None) -> list[str]:
 
 
 def tune_args(
-    cfg: DPOConfig,
+    cfg: DPOConfig | GRPOConfig,
     *,
     method: str = "dpo",
     from_version: str | None = None,
     dataset_id: str | None = None,
 ) -> list[str]:
-    """The `prefloop tune` arguments for a DPO config."""
+    """The `prefloop tune` arguments for a DPO or GRPO config."""
     args = [
         "tune",
         "--method",
@@ -85,6 +85,38 @@ def tune_args(
         "--seed",
         str(cfg.seed),
     ]
+    if isinstance(cfg, GRPOConfig):
+        args += [
+            "--gains",
+            cfg.gains,
+            "--scale-rewards",
+            cfg.scale_rewards,
+            "--epsilon",
+            repr(float(cfg.epsilon)),
+            "--loss-type",
+            cfg.loss_type,
+            "--ppo-epochs",
+            str(cfg.ppo_epochs),
+            "--entropy-coef",
+            repr(cfg.entropy_coef),
+        ]
+        if cfg.epsilon_high is not None:
+            args += ["--epsilon-high", repr(float(cfg.epsilon_high))]
+        if cfg.target_kl:
+            args += ["--target-kl", repr(float(cfg.target_kl))]
+    else:
+        args += [
+            "--loss",
+            cfg.loss_type,
+            "--label-smoothing",
+            repr(float(cfg.label_smoothing)),
+            "--sft-weight",
+            repr(float(cfg.sft_weight)),
+            "--early-stop",
+            str(cfg.early_stop),
+        ]
+        args += ["--listwise"] if cfg.listwise else []
+        args += [] if cfg.soft_labels else ["--hard-labels"]
     if from_version and from_version != "base":
         args += ["--from", from_version]
     if dataset_id:
