@@ -45,6 +45,7 @@ def training_rows(
                 "ranking": ranking,
                 "n_labels": len(by_group[g.group_id]),
                 "rankings": usable_rankings(g.candidate_ids, by_group[g.group_id]),
+                "finish_reasons": g.finish_reasons,
             }
         )
     return pd.DataFrame(out, columns=datasets.SNAPSHOT_COLUMNS), left_out

@@ -60,7 +60,10 @@ def group_rows(groups: list[GroupRecord]) -> list[dict]:
             "prompt": g.prompt,
             **({"messages": g.messages} if g.messages else {}),
             "candidates": [
-                {"id": i, "text": t} for i, t in zip(g.candidate_ids, g.texts, strict=True)
+                {"id": i, "text": t, "n_tokens": n, "finish_reason": f}
+                for i, t, n, f in zip(
+                    g.candidate_ids, g.texts, g.n_tokens, g.finish_reasons, strict=True
+                )
             ],
         }
         for g in groups

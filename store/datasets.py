@@ -25,6 +25,7 @@ SNAPSHOT_COLUMNS = [
     "ranking",
     "n_labels",
     "rankings",  # every annotator's ranking (positions), for soft labels and averaged gains
+    "finish_reasons",  # eos | length | None per candidate: cut-off text gets no end token
 ]
 
 
@@ -132,6 +133,10 @@ def read_snapshot(ws: Workspace, info: dict) -> pd.DataFrame:
     digest = content_hash(rows)
     if "rankings" not in rows.columns:
         rows["rankings"] = rows["ranking"].map(lambda r: [r])
+    if "finish_reasons" not in rows.columns:
+        rows["finish_reasons"] = rows["texts"].map(lambda t: [None] * len(t))
+    else:
+        rows["finish_reasons"] = rows["finish_reasons"].map(list)
     if digest != info["content_hash"]:
         raise PrefloopError(
             f"snapshot {path} does not match the content hash of dataset {info['id']}; "

@@ -34,6 +34,8 @@ class GroupRecord:
     candidate_ids: list[int]
     texts: list[str]
     logprobs: list[float | None] = field(default_factory=list)
+    n_tokens: list[int | None] = field(default_factory=list)
+    finish_reasons: list[str | None] = field(default_factory=list)  # eos | length | None
 
 
 def create_round(
@@ -174,7 +176,8 @@ def groups(
     sql = """
         SELECT g.id, g.round_id, g.prompt_id, p.text, p.messages,
                list(c.id ORDER BY c.position), list(c.text ORDER BY c.position),
-               list(c.logprob ORDER BY c.position)
+               list(c.logprob ORDER BY c.position), list(c.n_tokens ORDER BY c.position),
+               list(c.finish_reason ORDER BY c.position)
         FROM groups g JOIN prompts p ON p.id = g.prompt_id
         JOIN candidates c ON c.group_id = g.id
     """
@@ -191,6 +194,8 @@ def groups(
             candidate_ids=list(r[5]),
             texts=list(r[6]),
             logprobs=list(r[7]),
+            n_tokens=list(r[8]),
+            finish_reasons=list(r[9]),
         )
         for r in con.execute(sql, params).fetchall()
     ]

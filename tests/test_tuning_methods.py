@@ -161,3 +161,13 @@ def test_token_logps_sum_to_sequence_logps(tiny_model_dir: Path) -> None:
     assert [len(p) for p in parts] == [2, 3, 1, 1, 2]
     assert torch.allclose(torch.stack([p.sum() for p in parts]), sums, atol=1e-5)
     assert (entropy > 0).all() and (entropy <= torch.log(torch.tensor(49152.0)) + 1e-3).all()
+
+
+def test_cut_off_candidates_train_without_an_end_token(tiny_model_dir: Path) -> None:
+    from tuning.modeling import candidate_ids, load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    ids = candidate_ids(tok, {"texts": ["Hello there", "Hello there"],
+                              "finish_reasons": ["eos", "length"]})  # fmt: skip
+    assert ids[0][-1] == tok.eos_token_id and ids[1][-1] != tok.eos_token_id
+    assert ids[0][:-1] == ids[1]

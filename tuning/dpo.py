@@ -19,7 +19,7 @@ from store.errors import PrefloopError
 from tuning.batching import GroupTokens, collate, sequence_logps
 from tuning.config import DPOConfig, GRPOConfig
 from tuning.losses import dpo_loss, plackett_luce_loss, preference_loss
-from tuning.modeling import completion_ids, limit_threads, load_tokenizer, load_version, prompt_ids
+from tuning.modeling import candidate_ids, limit_threads, load_tokenizer, load_version, prompt_ids
 
 StepCallback = Callable[[int, dict[str, float]], None]
 
@@ -57,7 +57,7 @@ def build_groups(
             continue
         tokens = GroupTokens(
             prompt_ids(tokenizer, row["prompt"], row.get("messages")),
-            [completion_ids(tokenizer, t) for t in row["texts"]],
+            candidate_ids(tokenizer, row),
         )
         groups.append(TrainGroup(tokens, pairs, targets, row["ranking"]))
     return groups

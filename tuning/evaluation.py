@@ -117,7 +117,7 @@ def _policy_and_ref_logps(
 ) -> tuple[list[list[float]], list[list[float]], list[list[int]]]:
     """Summed log-probs of each candidate under the version and under the base model."""
     from tuning.batching import GroupTokens, collate, sequence_logps
-    from tuning.modeling import completion_ids, load_tokenizer, load_version, prompt_ids
+    from tuning.modeling import candidate_ids, load_tokenizer, load_version, prompt_ids
 
     with storedb.connect(ws) as con:
         base = models.base_model(con)
@@ -129,7 +129,8 @@ def _policy_and_ref_logps(
         chunk = groups[start : start + 4]
         tokens = [
             GroupTokens(
-                prompt_ids(tok, g.prompt, g.messages), [completion_ids(tok, t) for t in g.texts]
+                prompt_ids(tok, g.prompt, g.messages),
+                candidate_ids(tok, {"texts": g.texts, "finish_reasons": g.finish_reasons}),
             )
             for g in chunk
         ]

@@ -20,7 +20,7 @@ from tuning.batching import GroupTokens, collate, per_candidate, token_logps
 from tuning.config import GRPOConfig
 from tuning.dpo import new_adapter
 from tuning.losses import grpo_advantages, grpo_loss
-from tuning.modeling import completion_ids, limit_threads, load_tokenizer, load_version, prompt_ids
+from tuning.modeling import candidate_ids, limit_threads, load_tokenizer, load_version, prompt_ids
 
 StepCallback = Callable[[int, dict[str, float]], None]
 OLD = "pi_old"
@@ -49,7 +49,7 @@ def build_grpo_groups(rows: list[dict], tokenizer, cfg: GRPOConfig) -> list[GRPO
             raise PrefloopError(str(exc)) from None
         tokens = GroupTokens(
             prompt_ids(tokenizer, row["prompt"], row.get("messages")),
-            [completion_ids(tokenizer, t) for t in row["texts"]],
+            candidate_ids(tokenizer, row),
         )
         origin = row.get("model_version")
         origin = (

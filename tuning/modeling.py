@@ -79,7 +79,15 @@ def prompt_ids(
     return tokenizer(text, add_special_tokens=True)["input_ids"]
 
 
-def completion_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    """Token ids of a completion followed by the end-of-turn token."""
+def completion_ids(
+    tokenizer: PreTrainedTokenizerBase, text: str, finish_reason: str | None = None
+) -> list[int]:
+    """Token ids of a completion, ended by the end-of-turn token unless it was cut off."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return [*ids, tokenizer.eos_token_id]
+    return list(ids) if finish_reason == "length" else [*ids, tokenizer.eos_token_id]
+
+
+def candidate_ids(tokenizer: PreTrainedTokenizerBase, row: dict) -> list[list[int]]:
+    """Token ids of every candidate of a snapshot row or group."""
+    reasons = row.get("finish_reasons") or [None] * len(row["texts"])
+    return [completion_ids(tokenizer, t, f) for t, f in zip(row["texts"], reasons, strict=True)]
