@@ -32,16 +32,9 @@ class LoraSettings:
 
 
 @dataclass
-class DPOConfig:
-    """A DPO run: loss, optimisation and data settings."""
+class TrainSettings:
+    """Optimisation and data settings every tuning method shares."""
 
-    beta: float = 0.1
-    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge | robust
-    label_smoothing: float = 0.0
-    sft_weight: float = 0.0
-    listwise: bool = False  # Plackett–Luce over the whole ranking
-    soft_labels: bool = True  # several annotators: targets are their agreement
-    early_stop: int = 0  # patience in epochs on held-out preference accuracy (0: off)
     epochs: int = 3
     lr: float = 5e-4
     warmup_ratio: float = 0.1
@@ -58,7 +51,20 @@ class DPOConfig:
 
 
 @dataclass
-class GRPOConfig:
+class DPOConfig(TrainSettings):
+    """A DPO run: loss, optimisation and data settings."""
+
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge | robust
+    label_smoothing: float = 0.0
+    sft_weight: float = 0.0
+    listwise: bool = False  # Plackett–Luce over the whole ranking
+    soft_labels: bool = True  # several annotators: targets are their agreement
+    early_stop: int = 0  # patience in epochs on held-out preference accuracy (0: off)
+
+
+@dataclass
+class GRPOConfig(TrainSettings):
     """A GRPO run on ranked groups: gains, advantages, clipping, KL and optimisation settings."""
 
     gains: str = "linear"  # linear | dcg | explicit "1,0.6,0.3,0"
@@ -70,16 +76,3 @@ class GRPOConfig:
     loss_type: str = "grpo"  # grpo | bnpo | dr_grpo
     ppo_epochs: int = 1
     entropy_coef: float = 0.0
-    epochs: int = 3
-    lr: float = 5e-4
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_length: int = 512
-    groups_per_step: int = 4
-    seed: int = 0
-    lora: LoraSettings = field(default_factory=LoraSettings)
-
-    def to_dict(self) -> dict:
-        """A plain dict of every setting, for storing with the model version."""
-        return asdict(self)

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from labeling.ranking import ordered_pairs, pair_preferences
 from store.errors import PrefloopError
 from tuning.batching import GroupTokens, collate, sequence_logps
-from tuning.config import DPOConfig, GRPOConfig
+from tuning.config import DPOConfig, GRPOConfig, TrainSettings
 from tuning.losses import dpo_loss, plackett_luce_loss, preference_loss
 from tuning.modeling import candidate_ids, limit_threads, load_tokenizer, load_version, prompt_ids
 
@@ -155,6 +155,15 @@ def new_adapter(base: str, cfg: DPOConfig | GRPOConfig):
     return get_peft_model(load_version(base, None), lora)
 
 
+def make_optimizer(model, cfg: TrainSettings, total_steps: int):
+    """AdamW over the trainable (LoRA) parameters with linear warm-up, then a constant rate."""
+    warmup = max(1, int(cfg.warmup_ratio * total_steps))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    return params, optimizer, scheduler
+
+
 def train_dpo(
     base: str,
     rows: list[dict],
@@ -195,10 +204,7 @@ def train_dpo(
 
     steps_per_epoch = math.ceil(len(groups) / cfg.groups_per_step)
     total_steps = steps_per_epoch * cfg.epochs
-    warmup = max(1, int(cfg.warmup_ratio * total_steps))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    params, optimizer, scheduler = make_optimizer(model, cfg, total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     rank, world = accelerator.process_index, accelerator.num_processes
 

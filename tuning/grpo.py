@@ -18,7 +18,7 @@ from labeling.ranking import mean_gains
 from store.errors import PrefloopError
 from tuning.batching import GroupTokens, collate, per_candidate, token_logps
 from tuning.config import GRPOConfig
-from tuning.dpo import new_adapter
+from tuning.dpo import make_optimizer, new_adapter
 from tuning.losses import grpo_advantages, grpo_loss
 from tuning.modeling import candidate_ids, limit_threads, load_tokenizer, load_version, prompt_ids
 
@@ -137,10 +137,7 @@ def train_grpo(
 
     steps_per_epoch = math.ceil(len(groups) / cfg.groups_per_step)
     total = steps_per_epoch * cfg.epochs * cfg.ppo_epochs
-    warmup = max(1, int(cfg.warmup_ratio * total))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    params, optimizer, scheduler = make_optimizer(model, cfg, total)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     rank, world = accelerator.process_index, accelerator.num_processes
     max_len = max(len(c) for g in groups for c in g.tokens.completions)
