@@ -189,9 +189,8 @@ def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _mask_for(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The packed attention mask for eager attention: 0 where allowed, the dtype's min elsewhere."""
-    allowed = attention_mask(segment_ids)
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask as eager attention takes it: 0 where allowed, the dtype's min elsewhere."""
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
         ~allowed, torch.finfo(dtype).min
     )
@@ -364,8 +363,10 @@ def token_logps(
     head = inner.get_output_embeddings()
     dtype = head.weight.dtype if head is not None else torch.float32
     configs = _configs(inner)
-    impl = configs[0]._attn_implementation if configs else "sdpa"
-    if impl not in ("sdpa", "eager") or (impl == "sdpa" and not _SHARED_ATTENTION):
+    impl = configs[0]._attn_implementation if configs else None
+    if impl == "sdpa" and not _SHARED_ATTENTION:
+        impl = None
+    if impl not in ("sdpa", "eager", None):
         raise ValueError(
             f"attention implementation {impl!r} cannot score packed rows; "
             "load the model with attn_implementation='sdpa' or 'eager'"
@@ -382,21 +383,22 @@ def token_logps(
             "position_ids": batch.position_ids[first:end, :length],
             "use_cache": False,
         }
-        if impl == "eager":
-            segment_ids = batch.segment_ids[first:end, :length]
-            logits = _head_logits(
-                model, head, source, attention_mask=_mask_for(segment_ids, dtype), **inputs
-            )
-        else:
+        if impl == "sdpa":  # attention that skips what a token may not see
             _PLANS.append(_attention_plan(batch, first, end, length, device))
-            for config in configs:
+            saved = [(c, c._attn_implementation_internal) for c in configs]
+            for config, _ in saved:
                 config._attn_implementation_internal = ATTENTION
             try:
                 logits = _head_logits(model, head, source, **inputs)
             finally:
-                for config in configs:
-                    config._attn_implementation_internal = impl
+                for config, value in saved:
+                    config._attn_implementation_internal = value
                 _PLANS.pop()
+        else:  # a dense mask: additive for eager attention, boolean for anything else
+            mask = attention_mask(batch.segment_ids[first:end, :length])
+            if impl == "eager":
+                mask = _additive(mask, dtype)
+            logits = _head_logits(model, head, source, attention_mask=mask, **inputs)
         token_logps.append(-F.cross_entropy(logits, batch.labels[tokens], reduction="none"))
         if with_entropy:
             logp_all = F.log_softmax(logits, -1)
