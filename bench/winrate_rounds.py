@@ -54,8 +54,8 @@ JUDGE = "bench.winrate_rounds:shorter_judge"
 ANNOTATOR = "bench-shorter"
 
 TUNE_ARGS = {
-    "dpo": "--lr 1e-3 --epochs 4 --beta 0.1 --groups-per-step 4",
-    "grpo": "--lr 1e-3 --epochs 4 --groups-per-step 4",
+    "dpo": "--lr 5e-4 --epochs 3 --beta 0.1 --groups-per-step 4",
+    "grpo": "--lr 2e-3 --epochs 6 --groups-per-step 4 --beta 0.0",
 }
 
 _print_lock = threading.Lock()
