@@ -114,9 +114,7 @@ def test_migration_3_backfills_candidate_origins(tmp_path: Path) -> None:
         "VALUES ('v7', 'train', 2, '{}', 'sampled')"
     )
     con.execute("INSERT INTO groups (round_id, prompt_id) VALUES (1, 1)")
-    con.execute(
-        "INSERT INTO candidates (group_id, position, text) VALUES (1, 0, 'a'), (1, 1, 'b')"
-    )
+    con.execute("INSERT INTO candidates (group_id, position, text) VALUES (1, 0, 'a'), (1, 1, 'b')")
     con.close()
     from store import rounds
 
