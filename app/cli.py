@@ -182,6 +182,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
             loss_type=args.loss_type,
             ppo_epochs=args.ppo_epochs,
             entropy_coef=args.entropy_coef,
+            gain_source=args.gain_source,
             **common,
         )
     else:
@@ -191,7 +192,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
             label_smoothing=args.label_smoothing,
             sft_weight=args.sft_weight,
             listwise=args.listwise,
-            soft_labels=not args.hard_labels,
+            soft_labels=args.soft_labels,
             early_stop=args.early_stop,
             **common,
         )
@@ -480,10 +481,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="Plackett–Luce over the whole ranking instead of all pairs",
     )
     dpo.add_argument(
+        "--soft-labels",
+        default="empirical",
+        choices=["empirical", "bt", "hard"],
+        help="pair targets: empirical (share of annotators preferring; the default), bt "
+        "(fitted Bradley–Terry probabilities) or hard (consensus pairs, target 1)",
+    )
+    dpo.add_argument(
         "--hard-labels",
-        action="store_true",
-        help="pairs from the consensus ranking only (default with several "
-        "annotators: soft targets = their empirical preference probability)",
+        dest="soft_labels",
+        action="store_const",
+        const="hard",
+        default="empirical",
+        help="same as --soft-labels hard",
     )
     dpo.add_argument(
         "--early-stop",
@@ -506,6 +516,13 @@ def build_parser() -> argparse.ArgumentParser:
     grpo.add_argument("--loss-type", default="grpo", choices=["grpo", "bnpo", "dr_grpo"])
     grpo.add_argument("--ppo-epochs", type=int, default=1, help="passes over each batch")
     grpo.add_argument("--entropy-coef", type=float, default=0.0, help="entropy bonus weight")
+    grpo.add_argument(
+        "--gain-source",
+        default="mean",
+        choices=["mean", "bt"],
+        help="per-candidate gains: mean of the annotators' --gains schedule, or bt "
+        "(mean Bradley–Terry probability of beating the group's other candidates)",
+    )
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--lora-r", type=int, default=16)
@@ -582,6 +599,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("serve", cmd_serve, "serve the web app (annotator and researcher pages)")
     p.add_argument("--port", type=int, default=8501)
     p.add_argument("--address", default="localhost")
+
+    from app import cli_judge, cli_queue, cli_team
+
+    for module in (cli_team, cli_queue, cli_judge):
+        module.register(sub, add)
     return parser
 
 

@@ -139,6 +139,79 @@ MIGRATIONS: list[str] = [
         created TIMESTAMP DEFAULT current_timestamp
     );
     """,
+    # 4: a team: accounts and sessions, assignment (overlap, leases, gold), judge suggestions,
+    # label revisions, thumbs and 1-5 ratings, adjudicated disputes, dataset label membership
+    """
+    CREATE TABLE users (
+        name VARCHAR PRIMARY KEY,
+        role VARCHAR NOT NULL,
+        password_hash VARCHAR NOT NULL,
+        active BOOLEAN NOT NULL DEFAULT TRUE,
+        created TIMESTAMP DEFAULT current_timestamp
+    );
+    CREATE TABLE sessions (
+        token_hash VARCHAR PRIMARY KEY,
+        user_name VARCHAR NOT NULL,
+        created TIMESTAMP DEFAULT current_timestamp,
+        expires TIMESTAMP NOT NULL
+    );
+    CREATE TABLE login_attempts (
+        name VARCHAR NOT NULL,
+        ok BOOLEAN NOT NULL,
+        created TIMESTAMP DEFAULT current_timestamp
+    );
+    ALTER TABLE rounds ADD COLUMN overlap INTEGER DEFAULT 1;
+    ALTER TABLE rounds ADD COLUMN mode VARCHAR DEFAULT 'rank';
+    ALTER TABLE rounds ADD COLUMN show_suggestions BOOLEAN DEFAULT FALSE;
+    ALTER TABLE rounds ADD COLUMN guidelines VARCHAR;
+    UPDATE rounds SET overlap = 1, mode = 'rank', show_suggestions = FALSE;
+    ALTER TABLE labels ADD COLUMN thumbs VARCHAR;
+    ALTER TABLE labels ADD COLUMN ratings VARCHAR;
+    ALTER TABLE labels ADD COLUMN seconds DOUBLE;
+    ALTER TABLE labels ADD COLUMN revision INTEGER DEFAULT 1;
+    ALTER TABLE labels ADD COLUMN updated TIMESTAMP;
+    UPDATE labels SET revision = 1, updated = created;
+    CREATE TABLE label_revisions (
+        label_id INTEGER NOT NULL,
+        revision INTEGER NOT NULL,
+        ranking VARCHAR,
+        flags VARCHAR NOT NULL,
+        comment VARCHAR,
+        thumbs VARCHAR,
+        ratings VARCHAR,
+        seconds DOUBLE,
+        created TIMESTAMP NOT NULL,
+        replaced TIMESTAMP DEFAULT current_timestamp
+    );
+    CREATE TABLE dataset_labels (dataset_id VARCHAR NOT NULL, label_id INTEGER NOT NULL);
+    CREATE TABLE leases (
+        group_id INTEGER NOT NULL,
+        annotator VARCHAR NOT NULL,
+        expires TIMESTAMP NOT NULL,
+        PRIMARY KEY (group_id, annotator)
+    );
+    CREATE TABLE gold (
+        group_id INTEGER PRIMARY KEY,
+        ranking VARCHAR NOT NULL,
+        author VARCHAR,
+        created TIMESTAMP DEFAULT current_timestamp
+    );
+    CREATE TABLE suggestions (
+        group_id INTEGER PRIMARY KEY,
+        judge VARCHAR NOT NULL,
+        ranking VARCHAR NOT NULL,
+        created TIMESTAMP DEFAULT current_timestamp
+    );
+    CREATE TABLE adjudications (
+        group_id INTEGER PRIMARY KEY,
+        ranking VARCHAR,
+        flags VARCHAR NOT NULL,
+        author VARCHAR NOT NULL,
+        note VARCHAR,
+        created TIMESTAMP DEFAULT current_timestamp
+    );
+    ALTER TABLE datasets ADD COLUMN stats VARCHAR;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

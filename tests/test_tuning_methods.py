@@ -8,12 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from labeling.bradley_terry import bt_gains, bt_preferences
+from labeling.ranking import consensus, mean_gains, ordered_pairs
 from store import db, labels, rounds, runs
 from store.records import LabelRecord
 from store.rounds import CandidateRecord
 from tests.cli_helpers import ROOT, cli, cli_error
 from tuning.batching import GroupTokens, collate, per_candidate, sequence_logps, token_logps
-from tuning.modeling import load_base
+from tuning.config import DPOConfig, GRPOConfig
+from tuning.dpo import build_groups, group_loss
+from tuning.grpo import build_grpo_groups
+from tuning.modeling import load_base, load_tokenizer
 
 TEXTS = ("Yes.", "Sure, here it is.", "No.", "I will not do that at all.")
 
@@ -124,6 +129,88 @@ def test_dpo_family_variants_train(ws, capsys, flags):
     assert metrics["loss"].notna().all() and "rewards/accuracies" in metrics.columns
     if "--sft-weight" in flags:
         assert "nll_loss" in metrics.columns
+    models = json.loads(cli(capsys, "models", "list", "-w", ws.root, "--json"))
+    config = next(m for m in models if m["id"] == version)["config"]
+    assert config["soft_labels"] == ("hard" if "--hard-labels" in flags else "empirical")
+
+
+# three annotators who disagree on (0,1), (1,2) and (2,3): each pair 2 to 1
+THREE = [[[0], [1], [2], [3]], [[1], [0], [3], [2]], [[0], [2], [1], [3]]]
+
+
+def _three_row() -> dict:
+    return {"prompt": "Say yes.", "messages": None, "texts": list(TEXTS),
+            "ranking": consensus(THREE), "rankings": THREE}  # fmt: skip
+
+
+def test_bt_soft_labels_reach_the_dpo_loss(tiny_model_dir: Path) -> None:
+    tok = load_tokenizer(str(tiny_model_dir))
+    row = _three_row()
+    empirical, bt, hard = (build_groups([row], tok, 64, m)[0] for m in ("empirical", "bt", "hard"))
+    # empirical: 2/3 for the disputed pairs, 1 for the unanimous ones
+    assert dict(zip(empirical.pairs, empirical.targets, strict=True)) == pytest.approx(
+        {(0, 1): 2 / 3, (0, 2): 1, (0, 3): 1, (1, 2): 2 / 3, (1, 3): 1, (2, 3): 2 / 3}
+    )
+    bt_targets = dict(zip(bt.pairs, bt.targets, strict=True))
+    assert bt_targets == pytest.approx(bt_preferences(THREE))
+    assert set(bt_targets) == set(empirical.pairs)  # same pairs, other targets
+    assert all(0.5 < t < 1 for t in bt.targets) and bt.targets != empirical.targets
+    assert bt_targets[(0, 3)] > bt_targets[(0, 2)] > bt_targets[(0, 1)]  # transitive evidence
+    assert hard.pairs == ordered_pairs(row["ranking"]) and set(hard.targets) == {1.0}
+    assert build_groups([row], tok, 64, True)[0].targets == empirical.targets  # old bool configs
+    assert build_groups([row], tok, 64, False)[0].targets == hard.targets
+
+    g = torch.Generator().manual_seed(0)
+    logps = torch.randn(4, generator=g, dtype=torch.float64) * 5 - 30
+    ref = logps + torch.randn(4, generator=g, dtype=torch.float64)
+    lengths = torch.tensor([len(c) for c in bt.tokens.completions])
+    losses = {}
+    for mode, group in (("empirical", empirical), ("bt", bt)):
+        cfg = DPOConfig(soft_labels=mode, beta=1.0)
+        losses[mode] = float(group_loss(logps, ref, [group], [0], cfg, lengths)[0])
+    assert losses["bt"] != pytest.approx(losses["empirical"])
+
+
+def test_bt_gains_reach_grpo(tiny_model_dir: Path) -> None:
+    tok = load_tokenizer(str(tiny_model_dir))
+    mean = build_grpo_groups([_three_row()], tok, GRPOConfig())[0].gains
+    bt = build_grpo_groups([_three_row()], tok, GRPOConfig(gain_source="bt"))[0].gains
+    assert mean.tolist() == pytest.approx(mean_gains(THREE, 4))
+    assert bt.tolist() == pytest.approx(bt_gains(THREE, 4))
+    assert not torch.allclose(bt, mean)
+    assert bt.argsort(descending=True).tolist() == [0, 1, 2, 3]
+
+
+def test_soft_label_configs_stored_as_bools_still_read() -> None:
+    assert DPOConfig(soft_labels=True).soft_labels == "empirical"
+    assert DPOConfig(soft_labels=False).soft_labels == "hard"
+    stored = {"method": "dpo", "final_metrics": {}, **DPOConfig(beta=0.3).to_dict()}
+    stored["soft_labels"] = False
+    cfg = DPOConfig.from_dict(stored)
+    assert (cfg.soft_labels, cfg.beta, cfg.lora.r) == ("hard", 0.3, 16)
+    assert GRPOConfig.from_dict(GRPOConfig(gain_source="bt").to_dict()).gain_source == "bt"
+    with pytest.raises(ValueError, match="soft_labels"):
+        DPOConfig(soft_labels="soft")
+    with pytest.raises(ValueError, match="gain_source"):
+        GRPOConfig(gain_source="median")
+
+
+def test_bt_options_through_the_cli(ws, capsys):
+    out = cli(capsys, "tune", "-w", ws.root, "--epochs", 1, "--soft-labels", "bt", "--quiet")
+    version, metrics = _metrics(ws, out)
+    assert metrics["loss"].notna().all()
+    out = cli(capsys, "tune", "-w", ws.root, "--method", "grpo", "--epochs", 1,
+              "--groups-per-step", 6, "--gain-source", "bt", "--quiet")  # fmt: skip
+    grpo_version, grpo_metrics = _metrics(ws, out)
+    assert grpo_metrics["frac_zero_std_groups"].iloc[0] == pytest.approx(1 / 6)  # all tied
+    models = {
+        m["id"]: m for m in json.loads(cli(capsys, "models", "list", "-w", ws.root, "--json"))
+    }
+    assert models[version]["config"]["soft_labels"] == "bt"
+    assert models[grpo_version]["config"]["gain_source"] == "bt"
+    with pytest.raises(SystemExit):
+        cli(capsys, "tune", "-w", ws.root, "--soft-labels", "soft")
+    assert "invalid choice" in capsys.readouterr().err
 
 
 def test_early_stopping_keeps_the_best_epoch(ws, capsys):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+
+SOFT_LABELS = ("empirical", "bt", "hard")
+GAIN_SOURCES = ("mean", "bt")
 
 
 @dataclass
@@ -49,6 +52,15 @@ class TrainSettings:
         """A plain dict of every setting, for storing with the model version."""
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, stored: dict):
+        """The config a stored dict describes; keys that are not settings are ignored."""
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in stored.items() if k in names}
+        if isinstance(values.get("lora"), dict):
+            values["lora"] = LoraSettings(**values["lora"])
+        return cls(**values)
+
 
 @dataclass
 class DPOConfig(TrainSettings):
@@ -59,8 +71,18 @@ class DPOConfig(TrainSettings):
     label_smoothing: float = 0.0
     sft_weight: float = 0.0
     listwise: bool = False  # Plackett–Luce over the whole ranking
-    soft_labels: bool = True  # several annotators: targets are their agreement
+    # pair targets: empirical (share of annotators preferring), bt (fitted Bradley–Terry
+    # probabilities) or hard (1 for each pair the consensus orders)
+    soft_labels: str = "empirical"
     early_stop: int = 0  # patience in epochs on held-out preference accuracy (0: off)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.soft_labels, bool):  # stored before the choice existed
+            self.soft_labels = "empirical" if self.soft_labels else "hard"
+        if self.soft_labels not in SOFT_LABELS:
+            raise ValueError(
+                f"unknown soft_labels {self.soft_labels!r}; use one of {', '.join(SOFT_LABELS)}"
+            )
 
 
 @dataclass
@@ -76,3 +98,12 @@ class GRPOConfig(TrainSettings):
     loss_type: str = "grpo"  # grpo | bnpo | dr_grpo
     ppo_epochs: int = 1
     entropy_coef: float = 0.0
+    # per-candidate gains: mean (the annotators' schedule gains, averaged) or bt (mean fitted
+    # Bradley–Terry probability of beating the group's other candidates; ignores `gains`)
+    gain_source: str = "mean"
+
+    def __post_init__(self) -> None:
+        if self.gain_source not in GAIN_SOURCES:
+            raise ValueError(
+                f"unknown gain_source {self.gain_source!r}; use one of {', '.join(GAIN_SOURCES)}"
+            )

@@ -14,6 +14,7 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
+from labeling.bradley_terry import bt_preferences
 from labeling.ranking import ordered_pairs, pair_preferences
 from store.errors import PrefloopError
 from tuning.batching import GroupTokens, collate, sequence_logps
@@ -37,17 +38,23 @@ class TrainGroup:
 
 
 def build_groups(
-    rows: list[dict], tokenizer, max_length: int, soft: bool = False
+    rows: list[dict], tokenizer, max_length: int, soft: str | bool = "hard"
 ) -> list[TrainGroup]:
     """Tokenise snapshot rows; groups whose ranking orders no pair are left out.
 
-    With soft labels and several annotators, a pair's target is the share of annotators who
-    prefer its first candidate (ties count half); otherwise pairs come from the consensus.
+    soft="empirical" (or True) with several annotators: a pair's target is the share of
+    annotators who prefer its first candidate (ties count half). soft="bt": pairs and targets
+    are the Bradley–Terry probabilities fitted to the group's rankings (one annotator's too).
+    Otherwise (soft="hard" or False) the pairs come from the consensus, each with target 1.
     """
+    mode = ("empirical" if soft else "hard") if isinstance(soft, bool) else soft
     groups = []
     for row in rows:
         rankings = row.get("rankings") or [row["ranking"]]
-        if soft and len(rankings) > 1:
+        if mode == "bt":
+            prefs = bt_preferences(rankings)
+            pairs, targets = list(prefs), list(prefs.values())
+        elif mode == "empirical" and len(rankings) > 1:
             prefs = pair_preferences(rankings)
             pairs, targets = list(prefs), list(prefs.values())
         else:

@@ -14,6 +14,7 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
+from labeling.bradley_terry import bt_gains
 from labeling.ranking import mean_gains
 from store.errors import PrefloopError
 from tuning.batching import GroupTokens, collate, per_candidate, token_logps
@@ -38,13 +39,17 @@ class GRPOGroup:
 
 
 def build_grpo_groups(rows: list[dict], tokenizer, cfg: GRPOConfig) -> list[GRPOGroup]:
-    """Tokenise snapshot rows and turn their rankings into gains (averaged over annotators)."""
+    """Tokenise snapshot rows and turn their rankings into gains: the schedule's gains averaged
+    over annotators, or with cfg.gain_source="bt" Bradley–Terry gains fitted to the rankings."""
     groups = []
     for row in rows:
         k = len(row["texts"])
         rankings = row.get("rankings") or [row["ranking"]]
         try:
-            gains = mean_gains(rankings, k, cfg.gains)
+            if cfg.gain_source == "bt":
+                gains = bt_gains(rankings, k)
+            else:
+                gains = mean_gains(rankings, k, cfg.gains)
         except ValueError as exc:
             raise PrefloopError(str(exc)) from None
         tokens = GroupTokens(

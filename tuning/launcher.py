@@ -99,6 +99,8 @@ def tune_args(
             str(cfg.ppo_epochs),
             "--entropy-coef",
             repr(cfg.entropy_coef),
+            "--gain-source",
+            cfg.gain_source,
         ]
         if cfg.epsilon_high is not None:
             args += ["--epsilon-high", repr(float(cfg.epsilon_high))]
@@ -116,7 +118,7 @@ def tune_args(
             str(cfg.early_stop),
         ]
         args += ["--listwise"] if cfg.listwise else []
-        args += [] if cfg.soft_labels else ["--hard-labels"]
+        args += ["--soft-labels", cfg.soft_labels]
     if from_version and from_version != "base":
         args += ["--from", from_version]
     if dataset_id:
