@@ -103,7 +103,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
         prompts_per_batch=args.prompts_per_batch,
     )
     ws = _ws(args)
-    round_id = sample_job(ws, cfg, args.model, show_progress=not args.json)
+    options = {"mode": args.mode, "overlap": args.overlap}
+    if args.guidelines:
+        options["guidelines"] = _read_text(args.guidelines)
+    round_id = sample_job(ws, cfg, args.model, show_progress=not args.json, options=options)
     if args.json:
         from store import db, rounds
 
@@ -114,6 +117,13 @@ def cmd_sample(args: argparse.Namespace) -> None:
         )
     else:
         print(round_id)
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PrefloopError(f"cannot read {path}: {exc}") from exc
 
 
 def cmd_groups_export(args: argparse.Namespace) -> None:
@@ -209,10 +219,53 @@ def cmd_tune(args: argparse.Namespace) -> None:
 
 
 def cmd_dataset_freeze(args: argparse.Namespace) -> None:
-    from labeling.curation import freeze_dataset
+    from labeling.curation import Curation, freeze_versions
 
-    rounds = [int(r) for r in args.rounds.split(",")] if args.rounds else None
-    print(freeze_dataset(_ws(args), args.split, rounds))
+    def names(value: str | None) -> list[str] | None:
+        return [x.strip() for x in value.split(",") if x.strip()] if value else None
+
+    try:
+        rounds = [int(r) for r in names(args.rounds)] if args.rounds else None
+    except ValueError:
+        raise PrefloopError(f"--rounds takes round ids like 1,3; got {args.rounds!r}") from None
+    cur = Curation(
+        split=args.split,
+        rounds=rounds,
+        annotators=names(args.annotators),
+        exclude_annotators=names(args.exclude_annotators) or [],
+        exclude_flagged=args.exclude_flagged,
+        min_agreement=args.min_agreement,
+        keep_all_bad=args.keep_all_bad,
+        dedupe=args.dedupe,
+        max_length_ratio=args.max_length_ratio,
+        heldout_fraction=args.heldout_fraction,
+        split_seed=args.split_seed,
+    )
+    result = freeze_versions(_ws(args), cur)
+    if args.json:
+        print(json.dumps({"train": result.train, "heldout": result.heldout, **result.stats}))
+        return
+    left = {k: n for k, n in result.stats["left_out"].items() if n}
+    print(
+        f"{result.stats['groups']} groups, {result.stats['pairs']} pairs; left out: "
+        + (", ".join(f"{k} {n}" for k, n in left.items()) or "none"),
+        file=sys.stderr,
+    )
+    if result.heldout:
+        print(f"held-out part: {result.heldout}", file=sys.stderr)
+    print(result.train)
+
+
+def cmd_dataset_show(args: argparse.Namespace) -> None:
+    from labeling.curation import dataset_card
+    from store import datasets, db
+
+    with db.connect(_ws(args)) as con:
+        version = args.version or datasets.latest_dataset(con)
+        if version is None:
+            raise PrefloopError("no dataset version yet: run `prefloop dataset freeze` first")
+        info = datasets.get_dataset(con, version)
+    print(json.dumps(info, default=str) if args.json else dataset_card(info))
 
 
 def cmd_list(what: str):
@@ -423,6 +476,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, help="sample only the first N prompts of the split")
     p.add_argument("--prompts-per-batch", type=int, default=8)
+    p.add_argument(
+        "--mode",
+        default="rank",
+        choices=["rank", "thumbs"],
+        help="what annotators do: rank the K candidates, or thumb each up/down",
+    )
+    p.add_argument(
+        "--overlap", type=int, default=1, help="annotators wanted per group (e.g. 3 for agreement)"
+    )
+    p.add_argument("--guidelines", metavar="FILE.md", help="Markdown guidelines for annotators")
     p.add_argument("--json", action="store_true", help="print a JSON summary of the round")
 
     groups = sub.add_parser("groups", help="export or import groups").add_subparsers(
@@ -545,6 +608,50 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("freeze", cmd_dataset_freeze, "freeze labelled groups into a dataset version", ds)
     p.add_argument("--split", default="train", choices=["train", "heldout"])
     p.add_argument("--rounds", help="comma-separated round ids (default: all)")
+    p.add_argument(
+        "--annotators",
+        metavar="A,B",
+        help="only these annotators' labels (default: all but the judge)",
+    )
+    p.add_argument("--exclude-annotators", metavar="A,B", help="leave these annotators out")
+    p.add_argument(
+        "--exclude-flagged",
+        action="store_true",
+        help="leave out annotators the agreement report flags (low agreement or gold accuracy)",
+    )
+    p.add_argument(
+        "--min-agreement",
+        type=float,
+        metavar="X",
+        help="leave out groups whose annotators agree on less than X of the candidate pairs "
+        "(groups with one annotator pass)",
+    )
+    p.add_argument(
+        "--keep-all-bad",
+        action="store_true",
+        help="keep groups an annotator flagged all_bad (default: leave them out)",
+    )
+    p.add_argument("--dedupe", action="store_true", help="one group per prompt (most labels)")
+    p.add_argument(
+        "--max-length-ratio",
+        type=float,
+        metavar="R",
+        help="leave out groups teaching a pair whose chosen/rejected character-length ratio "
+        "is outside [1/R, R]",
+    )
+    p.add_argument(
+        "--heldout-fraction",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="put this share of the prompts (by a hash of the prompt) into a separate "
+        "held-out dataset version",
+    )
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the held-out split")
+    p.add_argument("--json", action="store_true", help="print the versions and statistics")
+    p = add("show", cmd_dataset_show, "show a dataset version's card (filters, statistics)", ds)
+    p.add_argument("version", nargs="?", metavar="VERSION", help="default: the newest")
+    p.add_argument("--json", action="store_true")
     p = add("list", cmd_list("datasets"), "list dataset versions", ds)
     p.add_argument("--json", action="store_true")
 
@@ -556,7 +663,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true")
 
     p = add("export", cmd_export, "export a dataset version for TRL / datasets")
-    p.add_argument("--format", required=True, choices=["pairs", "listwise"])
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=["pairs", "listwise", "kto"],
+        help="pairs: TRL prompt/chosen/rejected; listwise: ranked lists; kto: TRL unpaired "
+        "prompt/completion/label from thumbs",
+    )
     p.add_argument("--dataset", metavar="VERSION", help="dataset version (default: newest)")
     p.add_argument("--out", required=True, metavar="FILE.jsonl|FILE.parquet")
 

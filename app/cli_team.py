@@ -73,9 +73,102 @@ def cmd_users_disable(args: argparse.Namespace) -> None:
     print(f"{args.name} {'enabled' if args.enable else 'disabled'}")
 
 
+def _round_ids(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise PrefloopError(f"--rounds takes comma-separated round ids, not {text!r}") from None
+
+
+def cmd_agreement(args: argparse.Namespace) -> None:
+    import json
+
+    from app.cli import _print_table, _ws
+    from labeling.team import team_report
+
+    report = team_report(
+        _ws(args),
+        _round_ids(args.rounds),
+        min_agreement=args.min_agreement,
+        dispute_threshold=args.dispute_threshold,
+    )
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "alpha": report.alpha,
+                    "mean_agreement": report.mean_agreement,
+                    "groups_with_overlap": report.groups_with_overlap,
+                    "annotators": report.annotators.to_dict("records"),
+                    "disputes": report.disputes.to_dict("records"),
+                },
+                default=str,
+            )
+        )
+        return
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    print(
+        f"Krippendorff's alpha (ordinal): {fmt(report.alpha)}; mean pairwise agreement: "
+        f"{fmt(report.mean_agreement)} over {report.groups_with_overlap} groups with 2+ "
+        "annotators"
+    )
+    _print_table(report.annotators, False)
+    print(f"\ndisputed groups ({len(report.disputes)}):")
+    _print_table(report.disputes, False)
+
+
+def cmd_adjudicate(args: argparse.Namespace) -> None:
+    from app.cli import _ws
+    from labeling.queue import parse_ranking
+    from labeling.team import adjudicate
+
+    if bool(args.ranking) == bool(args.drop):
+        raise PrefloopError("give either --ranking or --drop")
+    ranking = parse_ranking(args.ranking) if args.ranking else None
+    author = args.author or os.environ.get("USER") or "cli"
+    adjudicate(
+        _ws(args), args.group, ranking, author, ["all_bad"] if args.drop else None, args.note
+    )
+    print(f"group {args.group} decided; dataset versions frozen from now on use the decision")
+
+
 def register(sub, add) -> None:
-    """Add `prefloop users …` to the parser."""
+    """Add `prefloop users …`, `agreement` and `adjudicate` to the parser."""
+    from labeling.team import DISPUTE_THRESHOLD, MIN_AGREEMENT
     from store.access import ROLES
+
+    p = add(
+        "agreement",
+        cmd_agreement,
+        "inter-annotator agreement: per annotator (peers, gold, Kendall tau, median time, "
+        "flagged), Krippendorff's alpha, disputed groups",
+    )
+    p.add_argument("--rounds", help="comma-separated round ids (default: all)")
+    p.add_argument(
+        "--min-agreement",
+        type=float,
+        default=MIN_AGREEMENT,
+        help="flag annotators below this agreement (gold accuracy when they have gold)",
+    )
+    p.add_argument(
+        "--dispute-threshold",
+        type=float,
+        default=DISPUTE_THRESHOLD,
+        help="list groups whose annotators disagree on at least this share of pairs",
+    )
+    p.add_argument("--json", action="store_true")
+    p = add(
+        "adjudicate",
+        cmd_adjudicate,
+        "decide a disputed group: the ranking training uses instead of the annotators' consensus",
+    )
+    p.add_argument("group", type=int)
+    p.add_argument("--ranking", help="candidate ids best first: 12>13=14>15 ('=' ties)")
+    p.add_argument("--drop", action="store_true", help="drop the group from training (all bad)")
+    p.add_argument("--note")
+    p.add_argument("--author", help="who decided (default: $USER)")
 
     grp = sub.add_parser(
         "users",

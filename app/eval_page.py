@@ -7,8 +7,10 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
+from labeling import actions
 from store import db as storedb
 from store import evals, models, rounds, runs
+from store.access import User
 from store.errors import PrefloopError
 from store.prompts import SPLITS
 from tuning import launcher
@@ -52,7 +54,9 @@ def _eval_form(ws: storedb.Workspace, version_ids: list[str]) -> None:
         seed=int(seed),
     )
     try:
-        pid, log_path = launcher.start_job(ws, launcher.eval_args(version, cfg))
+        pid, log_path = actions.start_job(
+            ws, st.session_state["user"], launcher.eval_args(version, cfg)
+        )
     except PrefloopError as exc:
         st.error(str(exc))
         return
@@ -214,8 +218,9 @@ def _side_by_side(ws: storedb.Workspace, round_df: pd.DataFrame) -> None:
                     st.text(t)
 
 
-def evaluation_page(ws: storedb.Workspace) -> None:
+def evaluation_page(ws: storedb.Workspace, user: User) -> None:
     """Start evaluations and read their results."""
+    actions.research_access(user)
     st.title("Evaluation")
     with storedb.connect(ws) as con:
         version_ids = [str(v) for v in models.list_versions(con)["id"]]

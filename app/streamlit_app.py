@@ -10,15 +10,26 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from labeling import annotation
+from app.annotator_page import annotator_page
+from app.auth_pages import admin_page, login_page, sign_out, signed_in_user
+from app.datasets_panel import datasets_panel
+from labeling import actions
 from store import datasets, models, rounds, runs
 from store import db as storedb
+from store.access import User
 from store.errors import PrefloopError
 from store.prompts import SPLITS
 from tuning import launcher
 from tuning.config import DPOConfig, GRPOConfig, LoraSettings, SamplingConfig
 
-PAGES = ("Annotator", "Researcher", "Evaluation")
+PAGES = ("Annotator", "Researcher", "Evaluation", "Team", "Admin")
+PAGE_ACTION = {  # the permission each page needs (store.access.PERMISSIONS)
+    "Annotator": "label",
+    "Researcher": "view_research",
+    "Evaluation": "view_research",
+    "Team": "view_research",
+    "Admin": "manage_users",
+}
 METHODS = {  # label -> (method, DPO loss; None = listwise Plackett–Luce)
     "DPO (sigmoid)": ("dpo", "sigmoid"),
     "DPO (IPO)": ("dpo", "ipo"),
@@ -30,11 +41,10 @@ METHODS = {  # label -> (method, DPO loss; None = listwise Plackett–Luce)
 REFRESH_S = 3.0
 NO_PARENT = "(base model)"
 NEW_DATASET = "(freeze the current labels)"
-EM_SPACES = "\u2003\u2003"  # Markdown would collapse the plain double space between places
 
 # Widget values that must survive a visit to the other page (Streamlit drops the state of
 # widgets that were not drawn in a run unless it is written back).
-for _key in ("annotator", "round"):
+for _key in ("round",):
     if _key in st.session_state:
         st.session_state[_key] = st.session_state[_key]
 
@@ -51,216 +61,13 @@ def load_workspace() -> storedb.Workspace:
         st.stop()
 
 
-def show_messages(prefix: str) -> None:
-    """Show (once) the message and error a button callback left for this page."""
-    note = st.session_state.pop(f"{prefix}_note", None)
-    if note:
-        st.success(note)
-    error = st.session_state.pop(f"{prefix}_error", None)
-    if error:
-        st.error(error)
-
-
-# ----------------------------------------------------------------------------------------------
-# Annotator page
-
-
-def _ranking_action(action: str, name: str | None = None) -> None:
-    state: annotation.RankingState | None = st.session_state.get("ranking")
-    if state is None:
-        return
-    try:
-        if action == "rank":
-            state.rank_next(name)
-        elif action == "tie":
-            state.tie_with_last(name)
-        elif action == "undo":
-            state.undo()
-        elif action == "clear":
-            state.reset()
-    except PrefloopError as exc:
-        st.session_state["annot_error"] = str(exc)
-
-
-def _store_label(ws: storedb.Workspace, skip: bool) -> None:
-    state: annotation.RankingState | None = st.session_state.get("ranking")
-    if state is None:
-        return
-    gid = state.group_id
-    comment = st.session_state.get(f"comment_{gid}")
-    try:
-        if skip:
-            record = state.skip_label(comment)
-        else:
-            record = state.to_label(
-                all_bad=bool(st.session_state.get(f"all_bad_{gid}")), comment=comment
-            )
-        annotation.save_label(ws, record)
-    except PrefloopError as exc:
-        st.session_state["annot_error"] = str(exc)
-        return
-    st.session_state.pop("ranking", None)
-    st.session_state["annot_note"] = "Skipped that group." if skip else "Saved your ranking."
-
-
-def _show_prompt(group) -> None:
-    with st.container(border=True):
-        st.caption("Prompt")
-        if group.messages:
-            for turn in group.messages:  # imported data: plain text only, roles included
-                st.text(f"[{turn.get('role', '')}]")
-                st.text(str(turn.get("content", "")))
-        else:
-            st.text(group.prompt)
-
-
-def _show_candidates(state: annotation.RankingState) -> None:
-    names = state.letters
-    per_row = 2 if len(names) > 2 else len(names)
-    something_ranked = bool(state.tiers)
-    for start in range(0, len(names), per_row):
-        cols = st.columns(per_row)
-        for col, name in zip(cols, names[start : start + per_row], strict=False):
-            place = state.place_of(name)
-            with col, st.container(border=True, key=f"cand_{name}"):
-                head = f"**Candidate {name}**"
-                if place is not None:
-                    head += f" · ranked #{place}"
-                st.markdown(head)
-                st.text(state.text_of(name))
-                b1, b2 = st.columns(2)
-                b1.button(
-                    "Rank next",
-                    key=f"rank_{name}",
-                    on_click=_ranking_action,
-                    args=("rank", name),
-                    disabled=place is not None,
-                    width="stretch",
-                )
-                if something_ranked:
-                    b2.button(
-                        "Tie with last",
-                        key=f"tie_{name}",
-                        on_click=_ranking_action,
-                        args=("tie", name),
-                        disabled=place is not None,
-                        width="stretch",
-                    )
-
-
-def annotator_page(ws: storedb.Workspace) -> None:
-    """Rank the next group of a round: order the candidates best to worst."""
-    st.title("Rank candidates")
-    with storedb.connect(ws) as con:
-        round_df = rounds.list_rounds(con)
-    top = st.columns([1, 2])
-    name = top[0].text_input("Annotator name", key="annotator", placeholder="your name")
-    if round_df.empty:
-        st.info(
-            "This workspace has no rounds yet. A researcher starts one on the Researcher page "
-            "(or with `prefloop sample`)."
-        )
-        return
-    titles = {
-        int(r.id): annotation.round_title(int(r.id), r.model_version, r.source)
-        for r in round_df.itertuples()
-    }
-    round_ids = sorted(titles, reverse=True)
-    if st.session_state.get("round") not in round_ids:
-        st.session_state.pop("round", None)
-    round_id = top[1].selectbox("Round", round_ids, format_func=titles.get, key="round")
-    if not (name or "").strip():
-        st.info("Enter your annotator name to start ranking.")
-        return
-    try:
-        job = annotation.next_assignment(ws, name, round_id)
-    except PrefloopError as exc:
-        st.error(str(exc))
-        return
-    total = job.done + job.left
-    st.progress(job.done / total if total else 1.0)
-    st.caption(f"Done {job.done} / left {job.left} in this round")
-    show_messages("annot")
-    if job.group is None:
-        st.success(
-            f"No groups left for you in round {round_id}: you have labelled all {total}. "
-            "Pick another round above, or wait for the next one."
-        )
-        st.session_state.pop("ranking", None)
-        return
-
-    state: annotation.RankingState | None = st.session_state.get("ranking")
-    if (
-        state is None
-        or state.group_id != job.group.group_id
-        or state.annotator != annotation.clean_annotator(name)
-    ):
-        state = annotation.start_ranking(job.group, name)
-        st.session_state["ranking"] = state
-
-    _show_prompt(job.group)
-    st.caption(
-        "Order the candidates best to worst: **Rank next** puts a candidate in the next place, "
-        "**Tie with last** gives it the same place as your last pick."
-    )
-    _show_candidates(state)
-
-    gid = state.group_id
-    with st.container(border=True):
-        summary = state.summary().replace("  ", EM_SPACES)  # letters only: safe as Markdown
-        st.markdown(f"**Your ranking:** {summary}" if summary else "**Your ranking:** (empty)")
-        if state.unranked and state.tiers:
-            st.caption("Still to place: " + ", ".join(state.unranked))
-        u1, u2, _ = st.columns([1, 1, 4])
-        u1.button(
-            "Undo",
-            key="undo",
-            on_click=_ranking_action,
-            args=("undo",),
-            disabled=not state.tiers,
-            width="stretch",
-        )
-        u2.button(
-            "Clear",
-            key="clear",
-            on_click=_ranking_action,
-            args=("clear",),
-            disabled=not state.tiers,
-            width="stretch",
-        )
-        all_bad = st.checkbox(
-            "All bad (none of these is acceptable)",
-            key=f"all_bad_{gid}",
-            help="Flags the group; it is left out of training. An unfinished ranking is "
-            "stored as all tied.",
-        )
-        st.text_area("Comment (optional)", key=f"comment_{gid}", height=80)
-        s1, s2, _ = st.columns([1, 1, 4])
-        s1.button(
-            "Submit",
-            key="submit",
-            type="primary",
-            on_click=_store_label,
-            args=(ws, False),
-            disabled=not state.can_submit(all_bad),
-            width="stretch",
-        )
-        s2.button(
-            "Skip",
-            key="skip",
-            on_click=_store_label,
-            args=(ws, True),
-            width="stretch",
-        )
-
-
 # ----------------------------------------------------------------------------------------------
 # Researcher page
 
 
 def _launch(ws: storedb.Workspace, args: list[str], what: str) -> None:
     try:
-        pid, log_path = launcher.start_job(ws, args)
+        pid, log_path = actions.start_job(ws, st.session_state["user"], args)
     except PrefloopError as exc:
         st.error(str(exc))
         return
@@ -302,6 +109,19 @@ def _sampling_form(ws: storedb.Workspace, version_ids: list[str], newest: str) -
         limit = c2.number_input(
             "Limit (first N prompts; 0 = all)", min_value=0, value=0, key="sample_limit"
         )
+        mode = c1.selectbox(
+            "Annotators",
+            ["rank", "thumbs"],
+            key="sample_mode",
+            format_func={"rank": "rank the K candidates", "thumbs": "thumb each up/down"}.get,
+        )
+        overlap = c2.number_input(
+            "Overlap (annotators per group)",
+            min_value=1,
+            max_value=50,
+            value=1,
+            key="sample_overlap",
+        )
         if st.form_submit_button("Start sampling", key="start_sampling"):
             cfg = SamplingConfig(
                 k=int(k),
@@ -312,7 +132,11 @@ def _sampling_form(ws: storedb.Workspace, version_ids: list[str], newest: str) -
                 split=split,
                 limit=int(limit) or None,
             )
-            _launch(ws, launcher.sample_args(cfg, version), f"sampling from {version}")
+            _launch(
+                ws,
+                launcher.sample_args(cfg, version, mode, int(overlap)),
+                f"sampling from {version}",
+            )
 
 
 def _tuning_form(ws: storedb.Workspace, version_ids: list[str], dataset_ids: list[str]) -> None:
@@ -517,8 +341,9 @@ def _any_running(ws: storedb.Workspace, run_df: pd.DataFrame) -> bool:
     return any(j.running for j in launcher.launched_jobs(ws, limit=5))
 
 
-def researcher_page(ws: storedb.Workspace) -> None:
+def researcher_page(ws: storedb.Workspace, user: User) -> None:
     """Rounds, sampling and tuning forms, jobs with live metrics, and model versions."""
+    actions.research_access(user)
     st.title("Researcher")
     with storedb.connect(ws) as con:
         round_df = rounds.list_rounds(con)
@@ -563,40 +388,62 @@ def researcher_page(ws: storedb.Workspace) -> None:
         pick = st.selectbox("Config of version", list(reversed(version_ids)), key="version_pick")
         st.json(version_df[version_df["id"] == pick].iloc[0]["config"], expanded=False)
 
-    if not dataset_df.empty:
-        st.subheader("Dataset versions")
-        st.dataframe(
-            dataset_df[["id", "n_groups", "n_pairs", "rounds", "created"]],
-            hide_index=True,
-            width="stretch",
-        )
+    datasets_panel(ws, user, dataset_df, [int(r) for r in round_df["id"]])
 
 
 # ----------------------------------------------------------------------------------------------
 
 
+def _page_from_url(pages: list[str], user: User) -> str:
+    """The page the URL asks for, if this user may see it; refusals are shown once."""
+    wanted = str(st.query_params.get("page", pages[0])).capitalize()
+    if wanted in pages:
+        return wanted
+    if wanted in PAGES:
+        st.session_state["page_refused"] = (
+            f"{user.name} ({user.role}) may not open the {wanted} page; showing {pages[0]}."
+        )
+    return pages[0]
+
+
 def main() -> None:
-    """Pick the page in the sidebar and draw it."""
+    """Sign in, pick a page the user's role allows, and draw it."""
     st.set_page_config(page_title="prefloop", layout="wide")
     ws = load_workspace()
-    wanted = str(st.query_params.get("page", PAGES[0])).capitalize()
-    if "page" not in st.session_state:
-        st.session_state["page"] = wanted if wanted in PAGES else PAGES[0]
+    user = signed_in_user(ws)
+    if user is None:
+        login_page(ws)
+        return
+    st.session_state["user"] = user
+    pages = [p for p in PAGES if user.can(PAGE_ACTION[p])]
+    if st.session_state.get("page") not in pages:
+        st.session_state["page"] = _page_from_url(pages, user)
     with st.sidebar:
         st.markdown("## prefloop")
-        page = st.radio("Page", PAGES, key="page")
+        st.caption(f"Signed in as **{user.name}** ({user.role})")
+        st.button("Sign out", key="sign_out", on_click=sign_out, args=(ws,))
+        page = st.radio("Page", pages, key="page")
         st.caption("Workspace:")
         st.text(str(ws.root))
     st.query_params["page"] = page.lower()
+    refused = st.session_state.pop("page_refused", None)
+    if refused:
+        st.error(refused)
     try:
         if page == "Annotator":
-            annotator_page(ws)
+            annotator_page(ws, user)
         elif page == "Researcher":
-            researcher_page(ws)
-        else:
+            researcher_page(ws, user)
+        elif page == "Evaluation":
             from app.eval_page import evaluation_page
 
-            evaluation_page(ws)
+            evaluation_page(ws, user)
+        elif page == "Team":
+            from app.team_page import team_page
+
+            team_page(ws, user)
+        else:
+            admin_page(ws, user)
     except PrefloopError as exc:
         st.error(str(exc))
 

@@ -10,8 +10,8 @@ import hashlib
 import random
 from dataclasses import dataclass, field
 
+from labeling import queue
 from store import db as storedb
-from store import labels, rounds
 from store.errors import PrefloopError
 from store.records import LabelRecord
 from store.rounds import GroupRecord
@@ -51,6 +51,7 @@ class RankingState:
     candidate_ids: list[int]
     texts: list[str]
     tiers: list[list[str]] = field(default_factory=list)
+    tie_armed: bool = False  # the next key press ties with the last pick (keyboard "t")
 
     @property
     def letters(self) -> list[str]:
@@ -107,8 +108,29 @@ class RankingState:
             raise PrefloopError("rank a candidate first; there is no place to tie with")
         self.tiers[-1].append(name)
 
+    def key_name(self, key: int) -> str:
+        """The letter of the candidate shown in slot key (1-based, as typed on the keyboard)."""
+        if not 1 <= key <= len(self.candidate_ids):
+            raise PrefloopError(f"there is no candidate {key}; keys 1..{len(self.candidate_ids)}")
+        return self.letters[key - 1]
+
+    def press(self, name: str) -> None:
+        """A candidate key: tie it with the last pick if tie was armed, else rank it next."""
+        armed, self.tie_armed = self.tie_armed, False
+        if armed:
+            self.tie_with_last(name)
+        else:
+            self.rank_next(name)
+
+    def arm_tie(self) -> None:
+        """Make the next candidate key tie with the last pick."""
+        if not self.tiers:
+            raise PrefloopError("rank a candidate first; there is no place to tie with")
+        self.tie_armed = True
+
     def undo(self) -> str | None:
         """Take back the last pick; returns its letter (None when nothing was ranked)."""
+        self.tie_armed = False
         if not self.tiers:
             return None
         name = self.tiers[-1].pop()
@@ -148,6 +170,25 @@ class RankingState:
             comment=_clean_comment(comment),
         )
 
+    def thumbs_label(
+        self, thumbs: dict[int, bool], *, all_bad: bool = False, comment: str | None = None
+    ) -> LabelRecord:
+        """The label of a thumbs round: every candidate up or down; ups rank above downs."""
+        pairs = zip(self.letters, self.candidate_ids, strict=True)
+        missing = ", ".join(n for n, c in pairs if c not in thumbs)
+        if missing:
+            raise PrefloopError(f"give every candidate a thumb first (missing: {missing})")
+        ups = sorted(c for c in self.candidate_ids if thumbs[c])
+        downs = sorted(c for c in self.candidate_ids if not thumbs[c])
+        return LabelRecord(
+            group_id=self.group_id,
+            annotator=self.annotator,
+            ranking=[tier for tier in (ups, downs) if tier],
+            flags=["all_bad"] if all_bad else [],
+            comment=_clean_comment(comment),
+            thumbs={c: bool(thumbs[c]) for c in self.candidate_ids},
+        )
+
     def skip_label(self, comment: str | None = None) -> LabelRecord:
         """The label that records a skipped group (no ranking)."""
         return LabelRecord(
@@ -157,6 +198,52 @@ class RankingState:
             flags=["skipped"],
             comment=_clean_comment(comment),
         )
+
+
+KEY_ACTIONS = {"Enter": "submit", "s": "skip", "b": "all_bad"}
+
+
+@dataclass
+class KeyResult:
+    """What a run of typed keys did: keys consumed, the group action they ended with, errors."""
+
+    consumed: int
+    action: str | None = None  # submit | skip | all_bad, for the page to carry out
+    errors: list[str] = field(default_factory=list)
+
+
+def apply_keys(state: RankingState, keys: list[str], thumbs_mode: bool = False) -> KeyResult:
+    """Apply typed keys in order (1..9 rank, t tie next, u undo); stop after s, b or Enter.
+
+    A key that does not apply (a number without a candidate, t before a pick, Enter on an
+    unfinished ranking) is reported and skipped, so later keys still count. Keys after the
+    group action are left for the next group.
+    """
+    result = KeyResult(0)
+    for key in keys:
+        result.consumed += 1
+        try:
+            if key in KEY_ACTIONS:
+                if key == "Enter" and not thumbs_mode and not state.can_submit():
+                    raise PrefloopError(
+                        f"Enter: rank every candidate first (still unranked: "
+                        f"{', '.join(state.unranked)})"
+                    )
+                result.action = KEY_ACTIONS[key]
+                return result
+            if thumbs_mode:
+                raise PrefloopError(f"key {key!r} does nothing in a thumbs round")
+            if key == "t":
+                state.arm_tie()
+            elif key == "u":
+                state.undo()
+            elif key.isdigit():
+                state.press(state.key_name(int(key)))
+            else:
+                raise PrefloopError(f"key {key!r} does nothing here")
+        except PrefloopError as exc:
+            result.errors.append(str(exc))
+    return result
 
 
 def _clean_comment(comment: str | None) -> str | None:
@@ -186,25 +273,36 @@ class Assignment:
     left: int
 
 
-def next_assignment(ws: storedb.Workspace, annotator: str, round_id: int) -> Assignment:
-    """The next group of a round this annotator has not labelled, with done/left counts."""
-    annotator = clean_annotator(annotator)
-    with storedb.connect(ws) as con:
-        rounds.get_round(con, round_id)
-        group = labels.next_group(con, annotator, round_id)
-        done, left = labels.progress(con, annotator, round_id)
-    return Assignment(round_id=int(round_id), group=group, done=done, left=left)
+def next_assignment(
+    ws: storedb.Workspace, annotator: str, round_id: int, lease_s: float | None = None
+) -> Assignment:
+    """The annotator's next group from the round's queue (leased to them), with done/left counts.
+
+    Reloading returns the same group while the lease holds; `left` counts the groups this
+    annotator could still get, the shown one included.
+    """
+    ticket = queue.take(ws, clean_annotator(annotator), round_id, lease_s)
+    return Assignment(
+        round_id=ticket.round_id, group=ticket.group, done=ticket.done, left=ticket.left
+    )
 
 
 def save_label(ws: storedb.Workspace, record: LabelRecord) -> None:
-    """Store one label atomically, validated like `prefloop labels import`."""
-    with storedb.connect(ws) as con:
-        labels.add_labels(con, [record], source=WEB_SOURCE)
+    """Store one label atomically, validated like `prefloop labels import`.
+
+    A new label goes through the queue (its lease ends; refused if the annotator's lease ran out
+    and the group filled up meanwhile); a second label on the same group revises the first
+    (the old one is kept in the label's history; an identical one is refused).
+    """
+    queue.save(ws, record)
 
 
-def round_title(round_id: int, model_version: str | None, source: str | None = None) -> str:
+def round_title(
+    round_id: int, model_version: str | None, source: str | None = None, mode: str | None = None
+) -> str:
     """How a round is named in the annotator page."""
+    kind = "Thumbs" if mode == "thumbs" else "Ranking"
     if model_version:
-        return f"Ranking round {round_id} (model version {model_version})"
+        return f"{kind} round {round_id} (model version {model_version})"
     origin = f"imported: {source.removeprefix('import:')}" if source else "imported"
-    return f"Ranking round {round_id} ({origin})"
+    return f"{kind} round {round_id} ({origin})"

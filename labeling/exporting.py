@@ -1,11 +1,12 @@
-"""Exporting a dataset version in TRL's preference format (pairs) or as ranked lists."""
+"""Exporting a dataset version in TRL's preference format (pairs), TRL's unpaired preference
+format (kto), or as ranked lists."""
 
 from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
 
-from labeling.curation import snapshot_records
+from labeling.curation import dataset_card, snapshot_records
 from labeling.ranking import ordered_pairs, tiers_to_ranks
 from store import datasets
 from store import db as storedb
@@ -13,7 +14,7 @@ from store.errors import PrefloopError
 from store.exports import write_card, write_rows
 from store.rounds import GroupRecord
 
-FORMATS = ("pairs", "listwise")
+FORMATS = ("pairs", "listwise", "kto")
 
 
 def _prompt_fields(record: dict, conversational: bool) -> object:
@@ -34,6 +35,28 @@ def pair_rows(records: list[dict]) -> list[dict]:
                 chosen = [{"role": "assistant", "content": chosen}]
                 rejected = [{"role": "assistant", "content": rejected}]
             rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def kto_rows(records: list[dict]) -> list[dict]:
+    """TRL unpaired preference rows (prompt, completion, label) from thumbs: one per candidate.
+
+    With several annotators a candidate's label is the majority of their thumbs; candidates
+    with as many ups as downs, and groups without thumbs (ranked rounds), give no row.
+    Conversational (prompt = messages, completion = one assistant turn) when any prompt has
+    messages, as in the pairs export.
+    """
+    conversational = any(r["messages"] for r in records)
+    rows = []
+    for r in records:
+        if r.get("thumbs") is None:
+            continue
+        prompt = _prompt_fields(r, conversational)
+        for text, (ups, downs) in zip(r["texts"], r["thumbs"], strict=True):
+            if ups == downs:
+                continue
+            completion = [{"role": "assistant", "content": text}] if conversational else text
+            rows.append({"prompt": prompt, "completion": completion, "label": ups > downs})
     return rows
 
 
@@ -70,6 +93,15 @@ def group_rows(groups: list[GroupRecord]) -> list[dict]:
     ]
 
 
+FORMAT_TEXT = {
+    "pairs": "TRL preference (`prompt`, `chosen`, `rejected`)",
+    "listwise": "ranked lists (`prompt` or `messages`, `completions`, `ranks`; 1 = best, "
+    "equal = tie)",
+    "kto": "TRL unpaired preference (`prompt`, `completion`, `label`: true = thumbs up), one "
+    "row per candidate with a majority of thumbs, for TRL's KTOTrainer",
+}
+
+
 def card_text(info: dict, fmt: str, out: Path, n_rows: int, records: list[dict]) -> str:
     """The dataset card: what the file holds and where it came from."""
     versions = sorted({str(r["model_version"]) for r in records if r["model_version"]})
@@ -81,20 +113,16 @@ def card_text(info: dict, fmt: str, out: Path, n_rows: int, records: list[dict])
 - groups: {info["n_groups"]}; ordered pairs: {info["n_pairs"]}
 - rounds: {", ".join(str(r) for r in info["rounds"])}
 - model versions that sampled the candidates: {", ".join(versions) or "outside data only"}
-- filters: `{info["filters"]}`
 - exported: {dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
-Format: {
-        "TRL preference (`prompt`, `chosen`, `rejected`)"
-        if fmt == "pairs"
-        else "ranked lists (`prompt` or `messages`, `completions`, `ranks`; 1 = best, equal = tie)"
-    }.
+Format: {FORMAT_TEXT[fmt]}.
 
 ```python
 from datasets import load_dataset
 ds = load_dataset("{load}", data_files="{out.name}", split="train")
 ```
-"""
+
+{dataset_card(info)}"""
 
 
 def export_dataset(
@@ -111,7 +139,13 @@ def export_dataset(
             )
         info = datasets.get_dataset(con, dataset_id)
     records = snapshot_records(datasets.read_snapshot(ws, info))
-    rows = pair_rows(records) if fmt == "pairs" else listwise_rows(records)
+    rows = {"pairs": pair_rows, "listwise": listwise_rows, "kto": kto_rows}[fmt](records)
+    if fmt == "kto" and not rows:
+        raise PrefloopError(
+            f"dataset version {dataset_id} has no thumbs with a majority up or down; the kto "
+            "export needs a thumbs round (`prefloop rounds set ROUND --mode thumbs`) or use "
+            "--format pairs"
+        )
     path = write_rows(rows, Path(out))
     write_card(path, card_text(info, fmt, path, len(rows), records))
     return path, len(rows)

@@ -20,8 +20,12 @@ def sample_round(
     *,
     run_id: int | None = None,
     show_progress: bool = True,
+    options: dict | None = None,
 ) -> int:
-    """Sample a new round from a model version (default: the newest); returns the round id."""
+    """Sample a new round from a model version (default: the newest); returns the round id.
+
+    options: the round's labelling options (mode, overlap, guidelines; see rounds.RoundOptions).
+    """
     from labeling.generation import HFGenerator
     from tuning.modeling import limit_threads, load_tokenizer, load_version, prompt_ids
 
@@ -74,6 +78,8 @@ def sample_round(
     settings = {**asdict(cfg), "model_version": version}
     with storedb.connect(ws) as con:
         round_id = rounds.create_round(con, version, cfg.split, cfg.k, settings, "sampled")
+        if options:
+            rounds.set_round_options(con, round_id, **options)
         rounds.add_groups(
             con,
             round_id,

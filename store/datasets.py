@@ -26,7 +26,9 @@ SNAPSHOT_COLUMNS = [
     "n_labels",
     "rankings",  # every annotator's ranking (positions), for soft labels and averaged gains
     "finish_reasons",  # eos | length | None per candidate: cut-off text gets no end token
+    "thumbs",  # thumbs rounds: [ups, downs] per candidate over the annotators; None otherwise
 ]
+OPTIONAL_COLUMNS = ("thumbs",)  # left out of the content hash while every value is null
 
 
 def _canonical(value):
@@ -42,6 +44,11 @@ def _canonical(value):
 def content_hash(rows: pd.DataFrame) -> str:
     """sha256 of the snapshot's rows in canonical JSON (stable across a Parquet round trip)."""
     columns = [c for c in SNAPSHOT_COLUMNS if c in rows.columns]  # older snapshots lack some
+    columns = [  # a version without thumbs hashes as it did before the column existed
+        c
+        for c in columns
+        if c not in OPTIONAL_COLUMNS or any(_canonical(v) is not None for v in rows[c])
+    ]
     records = [{k: _canonical(v) for k, v in r.items()} for r in rows[columns].to_dict("records")]
     payload = json.dumps(records, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
@@ -54,6 +61,7 @@ def freeze(
     *,
     n_pairs: int,
     filters: dict,
+    stats: dict | None = None,
 ) -> str:
     """Store rows as a new dataset version (or return the existing one with the same content)."""
     if rows.empty:
@@ -61,10 +69,14 @@ def freeze(
             "no labelled groups to train on: rank some groups first (web app or "
             "`prefloop labels import`); flagged, skipped and all-tied groups are left out"
         )
+    if "thumbs" not in rows.columns:
+        rows = rows.assign(thumbs=None)
+    label_ids = _label_ids(con, rows)  # the labels it freezes: their authors can't revise them
     rows = rows[SNAPSHOT_COLUMNS].reset_index(drop=True)
     digest = content_hash(rows)
     row = con.execute("SELECT id FROM datasets WHERE content_hash = ?", [digest]).fetchone()
     if row:
+        _record_labels(con, str(row[0]), label_ids)
         return str(row[0])
     n = con.execute("SELECT count(*) FROM datasets").fetchone()[0]
     dataset_id = f"d{n + 1}"
@@ -75,8 +87,8 @@ def freeze(
     os.replace(tmp, target)
     rounds = sorted({int(r) for r in rows["round_id"]})
     con.execute(
-        "INSERT INTO datasets (id, content_hash, path, n_groups, n_pairs, rounds, filters) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO datasets (id, content_hash, path, n_groups, n_pairs, rounds, filters, "
+        "stats) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         [
             dataset_id,
             digest,
@@ -85,19 +97,56 @@ def freeze(
             n_pairs,
             json.dumps(rounds),
             json.dumps(filters, sort_keys=True),
+            json.dumps(stats, default=str) if stats is not None else None,
         ],
     )
+    _record_labels(con, dataset_id, label_ids)
     return dataset_id
+
+
+def _label_ids(con: duckdb.DuckDBPyConnection, rows: pd.DataFrame) -> list[int]:
+    """The ids of the labels behind snapshot rows: their `label_ids` column, else every label
+    of their groups."""
+    if "label_ids" in rows.columns:
+        return sorted({int(i) for ids in rows["label_ids"] for i in ids})
+    group_ids = sorted({int(g) for g in rows["group_id"]})
+    found = con.execute(
+        f"SELECT id FROM labels WHERE group_id IN ({', '.join('?' for _ in group_ids)})",
+        group_ids,
+    ).fetchall()
+    return sorted(int(r[0]) for r in found)
+
+
+def _record_labels(con: duckdb.DuckDBPyConnection, dataset_id: str, label_ids: list[int]) -> None:
+    """Record that a dataset version froze these labels (once each)."""
+    if not label_ids:
+        return
+    con.execute(
+        "INSERT INTO dataset_labels (dataset_id, label_id) "
+        "SELECT ?, unnest(?::INTEGER[]) EXCEPT "
+        "SELECT dataset_id, label_id FROM dataset_labels WHERE dataset_id = ?",
+        [dataset_id, label_ids, dataset_id],
+    )
+
+
+def frozen_labels(con: duckdb.DuckDBPyConnection, dataset_id: str) -> list[int]:
+    """The ids of the labels a dataset version froze."""
+    rows = con.execute(
+        "SELECT label_id FROM dataset_labels WHERE dataset_id = ? ORDER BY label_id",
+        [dataset_id],
+    ).fetchall()
+    return [int(r[0]) for r in rows]
 
 
 def list_datasets(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
     """Dataset versions, oldest first."""
     df = con.execute(
-        "SELECT id, content_hash, path, n_groups, n_pairs, rounds, filters, created "
+        "SELECT id, content_hash, path, n_groups, n_pairs, rounds, filters, stats, created "
         "FROM datasets ORDER BY created, id"
     ).df()
     df["rounds"] = df["rounds"].map(json.loads)
     df["filters"] = df["filters"].map(json.loads)
+    df["stats"] = df["stats"].map(lambda s: json.loads(s) if isinstance(s, str) else None)
     return df
 
 
@@ -133,6 +182,12 @@ def read_snapshot(ws: Workspace, info: dict) -> pd.DataFrame:
     digest = content_hash(rows)
     if "rankings" not in rows.columns:
         rows["rankings"] = rows["ranking"].map(lambda r: [r])
+    if "thumbs" not in rows.columns:
+        rows["thumbs"] = None
+    else:
+        rows["thumbs"] = rows["thumbs"].map(
+            lambda t: None if t is None else [[int(x) for x in c] for c in t]
+        )
     if "finish_reasons" not in rows.columns:
         rows["finish_reasons"] = rows["texts"].map(lambda t: [None] * len(t))
     else:

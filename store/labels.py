@@ -1,8 +1,11 @@
-"""Labels: one ranking per annotator per group, validated against the group."""
+"""Labels: one ranking per annotator per group, validated against the group, revised by their
+author until a dataset version freezes them (every earlier revision is kept)."""
 
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass
 
 import duckdb
 import pandas as pd
@@ -12,28 +15,21 @@ from store.records import LabelRecord
 from store.rounds import GroupRecord, groups
 
 FLAGS = ("all_bad", "skipped")
+SKIPPED_SQL = "flags LIKE '%\"skipped\"%'"  # flags are stored as a sorted JSON list of FLAGS
 
 
 def _where(record: LabelRecord, source: str) -> str:
     return f"{source}:{record.line}: " if record.line else ""
 
 
-def _check(record: LabelRecord, members: dict[int, list[int]], source: str) -> None:
-    at = _where(record, source)
-    if not record.annotator or not record.annotator.strip():
-        raise PrefloopError(f"{at}annotator name is empty")
-    if record.group_id not in members:
-        raise PrefloopError(f"{at}unknown group_id {record.group_id}")
-    bad_flags = [f for f in record.flags if f not in FLAGS]
-    if bad_flags:
-        raise PrefloopError(f"{at}unknown flag(s) {bad_flags}; allowed: {', '.join(FLAGS)}")
-    if record.ranking is None:
-        if "skipped" not in record.flags:
-            raise PrefloopError(f"{at}a ranking is required unless the group is flagged skipped")
-        return
-    expected = members[record.group_id]
-    seen: list[int] = [c for tier in record.ranking for c in tier]
-    if any(not tier for tier in record.ranking):
+def check_ranking(
+    ranking: list[list[int]], expected: list[int], group_id: int, at: str = ""
+) -> None:
+    """Raise unless ranking holds each of the group's candidate ids exactly once, in tiers."""
+    if not isinstance(ranking, list) or any(not isinstance(t, list) for t in ranking):
+        raise PrefloopError(f"{at}a ranking is a list of places, each a list of candidate ids")
+    seen: list[int] = [c for tier in ranking for c in tier]
+    if any(not tier for tier in ranking):
         raise PrefloopError(f"{at}ranking has an empty place")
     repeated = sorted({c for c in seen if seen.count(c) > 1})
     if repeated:
@@ -41,15 +37,171 @@ def _check(record: LabelRecord, members: dict[int, list[int]], source: str) -> N
     foreign = [c for c in seen if c not in expected]
     if foreign:
         raise PrefloopError(
-            f"{at}candidate(s) {foreign} do not belong to group {record.group_id} "
+            f"{at}candidate(s) {foreign} do not belong to group {group_id} "
             f"(its candidates are {expected})"
         )
     missing = [c for c in expected if c not in seen]
     if missing:
         raise PrefloopError(
-            f"{at}ranking of group {record.group_id} misses candidate(s) {missing}; "
+            f"{at}ranking of group {group_id} misses candidate(s) {missing}; "
             "every candidate must appear exactly once"
         )
+
+
+def thumbs_ranking(thumbs: dict[int, bool], candidate_ids: list[int]) -> list[list[int]]:
+    """The ranking a thumbs label implies: [[ups], [downs]], or one tier when all agree."""
+    ups = [c for c in candidate_ids if c in thumbs and thumbs[c]]
+    downs = [c for c in candidate_ids if c in thumbs and not thumbs[c]]
+    return [tier for tier in (ups, downs) if tier]
+
+
+def _candidate_keys(mapping, what: str, expected: list[int], group_id: int, at: str) -> dict:
+    """A {candidate id: value} mapping with int keys (JSON gives strings), foreign ids refused."""
+    if not isinstance(mapping, dict):
+        raise PrefloopError(f"{at}{what} must map candidate ids to values, got {mapping!r}")
+    out = {}
+    for key, value in mapping.items():
+        try:
+            cid = int(key)
+        except (TypeError, ValueError):
+            raise PrefloopError(f"{at}{what}: {key!r} is not a candidate id") from None
+        if isinstance(key, (float, bool)) or cid in out:
+            raise PrefloopError(f"{at}{what}: {key!r} is not a candidate id (or repeats one)")
+        out[cid] = value
+    foreign = sorted(c for c in out if c not in expected)
+    if foreign:
+        raise PrefloopError(
+            f"{at}{what} name candidate(s) {foreign} that do not belong to group {group_id} "
+            f"(its candidates are {expected})"
+        )
+    return out
+
+
+@dataclass
+class _Stored:
+    """A label's stored values, validated and encoded."""
+
+    ranking: str | None
+    flags: str
+    comment: str | None
+    thumbs: str | None
+    ratings: str | None
+    seconds: float | None
+
+    def same_content(self, other: _Stored) -> bool:
+        """Whether two labels say the same thing (time spent aside)."""
+        keys = ("ranking", "flags", "comment", "thumbs", "ratings")
+        return all(getattr(self, k) == getattr(other, k) for k in keys)
+
+
+def _encode_map(mapping: dict[int, object] | None) -> str | None:
+    if mapping is None:
+        return None
+    return json.dumps({str(k): mapping[k] for k in sorted(mapping)})
+
+
+def _decode_map(text: str | None) -> dict[int, object] | None:
+    if not isinstance(text, str):
+        return None
+    return {int(k): v for k, v in json.loads(text).items()}
+
+
+def _prepare(
+    record: LabelRecord, members: dict[int, list[int]], modes: dict[int, str], source: str
+) -> _Stored:
+    """Validate a label against its group and round; the values to store."""
+    at = _where(record, source)
+    if not record.annotator or not record.annotator.strip():
+        raise PrefloopError(f"{at}annotator name is empty")
+    if record.group_id not in members:
+        raise PrefloopError(f"{at}unknown group_id {record.group_id}")
+    gid, expected = record.group_id, members[record.group_id]
+    mode = modes.get(gid, "rank")
+    bad_flags = [f for f in record.flags if f not in FLAGS]
+    if bad_flags:
+        raise PrefloopError(f"{at}unknown flag(s) {bad_flags}; allowed: {', '.join(FLAGS)}")
+    skipped = "skipped" in record.flags
+
+    thumbs = None
+    if record.thumbs is not None:
+        thumbs = _candidate_keys(record.thumbs, "thumbs", expected, gid, at)
+        not_bool = {c: v for c, v in thumbs.items() if not isinstance(v, bool)}
+        if not_bool:
+            raise PrefloopError(
+                f"{at}thumbs must be true (up) or false (down) per candidate; got {not_bool}"
+            )
+    if mode == "thumbs" and not skipped:
+        missing = [c for c in expected if thumbs is None or c not in thumbs]
+        if missing:
+            raise PrefloopError(
+                f"{at}group {gid} is in a thumbs round: every candidate needs a thumb up or "
+                f"down (missing: candidate(s) {missing}), or flag the group skipped"
+            )
+
+    ratings = None
+    if record.ratings is not None:
+        ratings = _candidate_keys(record.ratings, "ratings", expected, gid, at)
+        bad = {
+            c: v
+            for c, v in ratings.items()
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 5
+        }
+        if bad:
+            raise PrefloopError(f"{at}ratings must be whole numbers from 1 to 5; got {bad}")
+
+    seconds = record.seconds
+    if seconds is not None:
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+            raise PrefloopError(f"{at}seconds must be a number, got {seconds!r}")
+        if not math.isfinite(seconds) or seconds < 0:
+            raise PrefloopError(f"{at}seconds spent must be zero or more, got {seconds!r}")
+        seconds = float(seconds)
+
+    ranking = record.ranking
+    if thumbs is not None and set(thumbs) == set(expected):
+        derived = thumbs_ranking(thumbs, expected)
+        if ranking is None:
+            ranking = derived
+        elif mode == "thumbs" and [sorted(t) for t in ranking] != [sorted(t) for t in derived]:
+            raise PrefloopError(
+                f"{at}group {gid} is in a thumbs round, where the ranking comes from the "
+                f"thumbs ({derived}); leave the ranking out or make it match"
+            )
+    if ranking is None:
+        if not skipped:
+            raise PrefloopError(
+                f"{at}a ranking is required unless the group is flagged skipped"
+                + (" (or a thumb for every candidate)" if thumbs is not None else "")
+            )
+    else:
+        check_ranking(ranking, expected, gid, at)
+    return _Stored(
+        ranking=json.dumps(ranking) if ranking is not None else None,
+        flags=json.dumps(sorted(set(record.flags))),
+        comment=record.comment,
+        thumbs=_encode_map(thumbs),
+        ratings=_encode_map(ratings),
+        seconds=seconds,
+    )
+
+
+def _placeholders(values: list) -> str:
+    return ", ".join("?" for _ in values)
+
+
+def _members(
+    con: duckdb.DuckDBPyConnection, ids: list[int]
+) -> tuple[dict[int, list[int]], dict[int, str]]:
+    """Candidate ids (in position order) and the round's mode of each group."""
+    if not ids:
+        return {}, {}
+    rows = con.execute(
+        f"SELECT c.group_id, list(c.id ORDER BY c.position), any_value(r.mode) FROM candidates c "
+        f"JOIN groups g ON g.id = c.group_id JOIN rounds r ON r.id = g.round_id "
+        f"WHERE c.group_id IN ({_placeholders(ids)}) GROUP BY c.group_id",
+        ids,
+    ).fetchall()
+    return {int(g): list(c) for g, c, _ in rows}, {int(g): m or "rank" for g, _, m in rows}
 
 
 def add_labels(
@@ -57,28 +209,21 @@ def add_labels(
 ) -> int:
     """Validate and store labels; any invalid record rejects them all (caller's transaction)."""
     ids = sorted({r.group_id for r in records})
-    members: dict[int, list[int]] = {}
-    if ids:
-        rows = con.execute(
-            f"SELECT group_id, list(id ORDER BY position) FROM candidates "
-            f"WHERE group_id IN ({', '.join('?' for _ in ids)}) GROUP BY group_id",
-            ids,
-        ).fetchall()
-        members = {int(g): list(c) for g, c in rows}
+    members, modes = _members(con, ids)
     keys = [(r.group_id, r.annotator.strip() if r.annotator else "") for r in records]
     existing = set()
     if ids:
         existing = {
             (int(g), a)
             for g, a in con.execute(
-                f"SELECT group_id, annotator FROM labels "
-                f"WHERE group_id IN ({', '.join('?' for _ in ids)})",
+                f"SELECT group_id, annotator FROM labels WHERE group_id IN ({_placeholders(ids)})",
                 ids,
             ).fetchall()
         }
     seen: set[tuple[int, str]] = set()
+    stored: list[_Stored] = []
     for record, key in zip(records, keys, strict=True):
-        _check(record, members, source)
+        stored.append(_prepare(record, members, modes, source))
         if key in existing or key in seen:
             raise PrefloopError(
                 f"{_where(record, source)}group {record.group_id} already has a label from "
@@ -91,20 +236,33 @@ def add_labels(
         {
             "group_id": [r.group_id for r in records],
             "annotator": [a for _, a in keys],
-            "ranking": [json.dumps(r.ranking) if r.ranking is not None else None for r in records],
-            "flags": [json.dumps(sorted(set(r.flags))) for r in records],
-            "comment": pd.Series([r.comment for r in records], dtype="object"),
+            "ranking": pd.Series([s.ranking for s in stored], dtype="object"),
+            "flags": [s.flags for s in stored],
+            "comment": pd.Series([s.comment for s in stored], dtype="object"),
+            "thumbs": pd.Series([s.thumbs for s in stored], dtype="object"),
+            "ratings": pd.Series([s.ratings for s in stored], dtype="object"),
+            "seconds": pd.Series([s.seconds for s in stored], dtype="float64"),
         }
     )
     con.register("_new_labels", df)
     try:
         con.execute(
-            "INSERT INTO labels (group_id, annotator, ranking, flags, comment) "
-            "SELECT * FROM _new_labels"
+            "INSERT INTO labels (group_id, annotator, ranking, flags, comment, thumbs, ratings, "
+            "seconds, revision, updated) "
+            "SELECT *, 1, current_timestamp FROM _new_labels"
         )
     finally:
         con.unregister("_new_labels")
     return len(records)
+
+
+def _decode(df: pd.DataFrame) -> pd.DataFrame:
+    df["ranking"] = df["ranking"].map(lambda r: json.loads(r) if isinstance(r, str) else None)
+    df["flags"] = df["flags"].map(json.loads)
+    for col in ("thumbs", "ratings"):
+        if col in df.columns:
+            df[col] = df[col].map(_decode_map).astype("object")
+    return df
 
 
 def labels(
@@ -112,36 +270,166 @@ def labels(
     round_ids: list[int] | None = None,
     annotator: str | None = None,
 ) -> pd.DataFrame:
-    """Stored labels (group_id, round_id, annotator, ranking, flags, comment, created)."""
+    """Stored labels (group_id, round_id, annotator, ranking, flags, comment, created, thumbs,
+    ratings, seconds, revision, updated, label_id)."""
     sql = (
-        "SELECT l.group_id, g.round_id, l.annotator, l.ranking, l.flags, l.comment, l.created "
+        "SELECT l.group_id, g.round_id, l.annotator, l.ranking, l.flags, l.comment, l.created, "
+        "l.thumbs, l.ratings, l.seconds, l.revision, l.updated, l.id AS label_id "
         "FROM labels l JOIN groups g ON g.id = l.group_id"
     )
     where, params = [], []
     if round_ids is not None:
         if not round_ids:
             round_ids = [-1]
-        where.append(f"g.round_id IN ({', '.join('?' for _ in round_ids)})")
+        where.append(f"g.round_id IN ({_placeholders(round_ids)})")
         params.extend(int(r) for r in round_ids)
     if annotator is not None:
         where.append("l.annotator = ?")
         params.append(annotator)
     if where:
         sql += " WHERE " + " AND ".join(where)
-    df = con.execute(sql + " ORDER BY l.id", params).df()
-    df["ranking"] = df["ranking"].map(lambda r: json.loads(r) if isinstance(r, str) else None)
-    df["flags"] = df["flags"].map(json.loads)
-    return df
+    return _decode(con.execute(sql + " ORDER BY l.id", params).df())
+
+
+def label_id(con: duckdb.DuckDBPyConnection, group_id: int, annotator: str) -> int | None:
+    """The id of an annotator's label on a group, or None."""
+    row = con.execute(
+        "SELECT id FROM labels WHERE group_id = ? AND annotator = ?",
+        [int(group_id), annotator.strip()],
+    ).fetchone()
+    return None if row is None else int(row[0])
+
+
+def frozen_in(con: duckdb.DuckDBPyConnection, label_id: int) -> list[str]:
+    """The dataset versions that froze a label (empty: it can still be revised)."""
+    rows = con.execute(
+        "SELECT DISTINCT dataset_id FROM dataset_labels WHERE label_id = ? ORDER BY dataset_id",
+        [int(label_id)],
+    ).fetchall()
+    return [str(r[0]) for r in rows]
+
+
+def revise_label(
+    con: duckdb.DuckDBPyConnection, record: LabelRecord, source: str = "revision"
+) -> int:
+    """Replace the author's own label on a group, keeping the old one; returns the new revision.
+
+    Refused when the annotator has no label there, when a dataset version froze the label, and
+    when the new label says the same as the stored one.
+    """
+    annotator = (record.annotator or "").strip()
+    if not annotator:
+        raise PrefloopError("annotator name is empty")
+    row = con.execute(
+        "SELECT id, revision, ranking, flags, comment, thumbs, ratings, seconds, "
+        "coalesce(updated, created) FROM labels WHERE group_id = ? AND annotator = ?",
+        [int(record.group_id), annotator],
+    ).fetchone()
+    if row is None:
+        authors = [
+            a
+            for (a,) in con.execute(
+                "SELECT annotator FROM labels WHERE group_id = ? ORDER BY id",
+                [int(record.group_id)],
+            ).fetchall()
+        ]
+        who = f" (it has labels from {', '.join(map(repr, authors))})" if authors else ""
+        raise PrefloopError(
+            f"{annotator!r} has no label on group {record.group_id} to revise{who}; "
+            "a label can only be revised by the annotator who made it"
+        )
+    lid, revision, *old_values, old_made = row
+    frozen = frozen_in(con, lid)
+    if frozen:
+        raise PrefloopError(
+            f"the label of {annotator!r} on group {record.group_id} is frozen in dataset "
+            f"version(s) {', '.join(frozen)} and can no longer be revised (dataset versions "
+            "are immutable); add a comment for the researcher instead"
+        )
+    members, modes = _members(con, [int(record.group_id)])
+    new = _prepare(record, members, modes, source)
+    if new.same_content(_Stored(*old_values)):
+        raise PrefloopError(
+            f"group {record.group_id} already has a label from {annotator!r} that says the "
+            "same, so nothing changed. Revise it to change it."
+        )
+    con.execute(
+        "INSERT INTO label_revisions (label_id, revision, ranking, flags, comment, thumbs, "
+        "ratings, seconds, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [lid, int(revision or 1), *old_values, old_made],
+    )
+    con.execute(
+        "UPDATE labels SET ranking = ?, flags = ?, comment = ?, thumbs = ?, ratings = ?, "
+        "seconds = ?, revision = ?, updated = current_timestamp WHERE id = ?",
+        [
+            new.ranking,
+            new.flags,
+            new.comment,
+            new.thumbs,
+            new.ratings,
+            new.seconds,
+            int(revision or 1) + 1,
+            lid,
+        ],
+    )
+    return int(revision or 1) + 1
+
+
+def label_history(con: duckdb.DuckDBPyConnection, group_id: int, annotator: str) -> pd.DataFrame:
+    """Every revision of an annotator's label on a group, oldest first; the last is current.
+
+    Columns: revision, ranking, flags, comment, thumbs, ratings, seconds, made (when that
+    revision was stored), replaced (when a later one replaced it; NaT for the current one),
+    current.
+    """
+    lid = label_id(con, group_id, annotator)
+    if lid is None:
+        raise PrefloopError(f"{annotator.strip()!r} has no label on group {group_id}")
+    df = con.execute(
+        "SELECT revision, ranking, flags, comment, thumbs, ratings, seconds, created AS made, "
+        "replaced, FALSE AS current FROM label_revisions WHERE label_id = ? "
+        "UNION ALL "
+        "SELECT coalesce(revision, 1), ranking, flags, comment, thumbs, ratings, seconds, "
+        "coalesce(updated, created), NULL, TRUE FROM labels WHERE id = ? "
+        "ORDER BY revision",
+        [lid, lid],
+    ).df()
+    return _decode(df)
+
+
+def my_labels(
+    con: duckdb.DuckDBPyConnection, annotator: str, round_id: int | None = None, limit: int = 50
+) -> pd.DataFrame:
+    """An annotator's own labels, most recently changed first, with whether each can be revised.
+
+    Columns: label_id, group_id, round_id, prompt, ranking, flags, comment, thumbs, ratings,
+    seconds, revision, created, updated, frozen.
+    """
+    sql = (
+        "SELECT l.id AS label_id, l.group_id, g.round_id, p.text AS prompt, l.ranking, l.flags, "
+        "l.comment, l.thumbs, l.ratings, l.seconds, l.revision, l.created, "
+        "coalesce(l.updated, l.created) AS updated, "
+        "EXISTS (SELECT 1 FROM dataset_labels d WHERE d.label_id = l.id) AS frozen "
+        "FROM labels l JOIN groups g ON g.id = l.group_id JOIN prompts p ON p.id = g.prompt_id "
+        "WHERE l.annotator = ?"
+    )
+    params: list = [annotator.strip()]
+    if round_id is not None:
+        sql += " AND g.round_id = ?"
+        params.append(int(round_id))
+    sql += " ORDER BY coalesce(l.updated, l.created) DESC, l.id DESC LIMIT ?"
+    params.append(int(limit))
+    return _decode(con.execute(sql, params).df())
 
 
 def next_group(con: duckdb.DuckDBPyConnection, annotator: str, round_id: int) -> GroupRecord | None:
-    """The first group of the round this annotator has not labelled yet."""
+    """The first group of the round this annotator has not labelled yet (ignores the queue)."""
     pending = groups(con, round_id=round_id, pending_for=annotator)
     return pending[0] if pending else None
 
 
 def progress(con: duckdb.DuckDBPyConnection, annotator: str, round_id: int) -> tuple[int, int]:
-    """(done, left) for an annotator in a round."""
+    """(done, left) for an annotator in a round, ignoring overlap targets (see labeling.queue)."""
     done, total = con.execute(
         "SELECT count(l.id), count(DISTINCT g.id) FROM groups g "
         "LEFT JOIN labels l ON l.group_id = g.id AND l.annotator = ? WHERE g.round_id = ?",

@@ -37,6 +37,9 @@ class LabelRecord:
     flags: list[str] = field(default_factory=list)
     comment: str | None = None
     line: int = 0
+    thumbs: dict[int, bool] | None = None  # thumbs rounds: candidate id -> up (True) / down
+    ratings: dict[int, int] | None = None  # optional 1-5 absolute rating per candidate id
+    seconds: float | None = None  # time the annotator spent on the group
 
 
 @dataclass

@@ -127,6 +127,7 @@ def list_rounds(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
     df = con.execute(
         """
         SELECT r.id, r.model_version, r.split, r.k, r.settings, r.source, r.created,
+               r.mode, r.overlap, r.show_suggestions,
                count(DISTINCT g.id) AS groups,
                count(DISTINCT l.group_id) AS labelled_groups,
                count(l.id) AS labels
@@ -224,6 +225,71 @@ def comparable_round(round_df: pd.DataFrame, round_id: int) -> int | None:
         if {k: v for k, v in other.settings.items() if k != "model_version"} == same:
             return int(other.id)
     return None
+
+
+MODES = ("rank", "thumbs")
+
+
+@dataclass
+class RoundOptions:
+    """How a round is labelled: mode, overlap target, judge suggestions shown, guidelines."""
+
+    round_id: int
+    mode: str = "rank"  # rank: order the K candidates | thumbs: up/down on each candidate
+    overlap: int = 1  # annotators wanted per group
+    show_suggestions: bool = False
+    guidelines: str | None = None  # Markdown written by a researcher
+
+
+def round_options(con: duckdb.DuckDBPyConnection, round_id: int) -> RoundOptions:
+    """A round's labelling options; unknown ids raise."""
+    row = con.execute(
+        "SELECT mode, overlap, show_suggestions, guidelines FROM rounds WHERE id = ?",
+        [int(round_id)],
+    ).fetchone()
+    if row is None:
+        get_round(con, round_id)  # raises with the known ids
+    return RoundOptions(int(round_id), row[0] or "rank", int(row[1] or 1), bool(row[2]), row[3])
+
+
+def set_round_options(
+    con: duckdb.DuckDBPyConnection,
+    round_id: int,
+    *,
+    mode: str | None = None,
+    overlap: int | None = None,
+    show_suggestions: bool | None = None,
+    guidelines: str | None = None,
+) -> RoundOptions:
+    """Change a round's labelling options (mode only while it has no labels)."""
+    current = round_options(con, round_id)
+    if mode is not None and mode != current.mode:
+        if mode not in MODES:
+            raise PrefloopError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        n = con.execute(
+            "SELECT count(*) FROM labels l JOIN groups g ON g.id = l.group_id WHERE g.round_id = ?",
+            [int(round_id)],
+        ).fetchone()[0]
+        if n:
+            raise PrefloopError(
+                f"round {round_id} has {n} label(s) already; its mode can no longer change "
+                "(start a new round with the other mode)"
+            )
+        current.mode = mode
+    if overlap is not None:
+        if not 1 <= int(overlap) <= 50:
+            raise PrefloopError("the overlap target must be between 1 and 50 annotators")
+        current.overlap = int(overlap)
+    if show_suggestions is not None:
+        current.show_suggestions = bool(show_suggestions)
+    if guidelines is not None:
+        current.guidelines = guidelines.strip() or None
+    con.execute(
+        "UPDATE rounds SET mode = ?, overlap = ?, show_suggestions = ?, guidelines = ? "
+        "WHERE id = ?",
+        [current.mode, current.overlap, current.show_suggestions, current.guidelines, round_id],
+    )
+    return current
 
 
 def latest_round(con: duckdb.DuckDBPyConnection) -> int | None:

@@ -1,22 +1,24 @@
-"""The served web app in a real Chromium: rank a group by clicks, and untrusted text stays text."""
+"""The served web app in a real Chromium: sign in and out, rank by clicks and by keyboard
+shortcuts, skip and flag all bad by key, and untrusted text stays text."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from labeling import annotation
 from store import db as storedb
-from store import labels
-from tests.fixtures_app import XSS, free_port, make_workspace, seed_round
+from store import labels, users
+from tests.fixtures_app import XSS, SeededRound, free_port, make_workspace, seed_round
 
 pytestmark = pytest.mark.browser
 
@@ -32,6 +34,8 @@ CHROMIUM_ARGS = [
 ]
 START_TIMEOUT_S = 30
 UI_TIMEOUT_MS = 15_000
+PASSWORD = "correct horse battery"
+EM_SPACES = "\u2003\u2003"  # what the page puts between places of "Your ranking: …"
 
 
 def _wait_healthy(port: int, proc: subprocess.Popen, log: Path) -> None:
@@ -50,92 +54,328 @@ def _wait_healthy(port: int, proc: subprocess.Popen, log: Path) -> None:
     raise AssertionError(f"the app did not answer {url} in {START_TIMEOUT_S} s:\n{log.read_text()}")
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def add_account(ws: storedb.Workspace, name: str, role: str = "annotator") -> None:
+    with storedb.connect(ws) as con:
+        users.add_user(con, name, role, PASSWORD)
+
+
 @pytest.fixture
-def served(tmp_path) -> Iterator[tuple[storedb.Workspace, int]]:
-    """`prefloop serve` on a free port over a workspace with one round; stopped afterwards."""
+def serve(tmp_path) -> Iterator[Callable[[storedb.Workspace], str]]:
+    """serve(ws) starts `prefloop serve` on a free port over ws and returns its URL; every
+    server started is stopped afterwards."""
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium) for browser tests")
     pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    ws = make_workspace(tmp_path / "ws")
-    seed_round(ws, n_groups=2, k=3, first_texts=[XSS])
-    port = free_port()
-    log = tmp_path / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--workspace", str(ws.root)]
-            + ["--port", str(port)],
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
+    procs: list[subprocess.Popen] = []
+
+    def start(ws: storedb.Workspace) -> str:
+        port = free_port()
+        log = tmp_path / f"serve-{port}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "app.cli", "serve", "--workspace", str(ws.root)]
+                + ["--port", str(port)],
+                cwd=ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        procs.append(proc)
         _wait_healthy(port, proc, log)
-        yield ws, port
+        return f"http://localhost:{port}/"
+
+    try:
+        yield start
     finally:
-        for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=wait_s)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        for proc in procs:
+            _stop(proc)
 
 
-def test_rank_a_group_in_the_browser(served, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+@pytest.fixture
+def page(serve, tmp_path):
+    """A fresh headless Chromium page; JavaScript dialogs are recorded (and must stay none)."""
+    from playwright.sync_api import sync_playwright
 
-    ws, port = served
     dialogs: list[str] = []
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1500})
-            page.set_default_timeout(UI_TIMEOUT_MS)
-            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-            page.goto(f"http://localhost:{port}/")
-
-            name = page.get_by_label("Annotator name")
-            name.fill("pat")
-            name.press("Enter")
-            expect(page.locator(".st-key-cand_C")).to_be_visible()
-            expect(page.get_by_text("Done 0 / left 2 in this round")).to_be_visible()
-
-            # untrusted candidate text is shown literally, never as HTML or Markdown
-            expect(page.get_by_text(XSS, exact=True)).to_be_visible()
-            assert XSS in page.locator("body").inner_text()
-            assert page.locator('img[src="x"]').count() == 0
-            assert page.locator("strong", has_text="bold").count() == 0
-
-            page.locator(".st-key-rank_C button").click()
-            expect(page.get_by_text("1. C", exact=False)).to_be_visible()
-            page.locator(".st-key-tie_A button").click()
-            expect(page.get_by_text("1. C = A", exact=False)).to_be_visible()
-            page.locator(".st-key-rank_B button").click()
-            expect(page.get_by_text("1. C = A  2. B", exact=False)).to_be_visible()
-            page.screenshot(path=str(tmp_path / "annotator.png"), full_page=True)
-            page.locator(".st-key-submit button").click()
-            expect(page.get_by_text("Done 1 / left 1 in this round")).to_be_visible()
-            expect(page.get_by_text("Prompt number 2: say something nice.")).to_be_visible()
-
-            page.get_by_text("Researcher", exact=True).click()
-            expect(page.get_by_role("heading", name="Jobs")).to_be_visible()
-            page.wait_for_timeout(500)
-            page.screenshot(path=str(tmp_path / "researcher.png"), full_page=True)
+            pg = browser.new_page(viewport={"width": 1400, "height": 1500})
+            pg.set_default_timeout(UI_TIMEOUT_MS)
+            pg.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+            yield pg
+            if not pg.is_closed():
+                pg.screenshot(path=str(tmp_path / "last.png"), full_page=True)
         finally:
             browser.close()
-    assert dialogs == []
+    assert dialogs == [], f"the page opened JavaScript dialogs: {dialogs}"
 
+
+# ----------------------------------------------------------------------------------------------
+# page helpers
+
+
+def wait_idle(page) -> None:
+    """Wait until the app's script has finished its run (Streamlit marks the app root)."""
+    from playwright.sync_api import expect
+
+    expect(page.get_by_test_id("stApp")).to_have_attribute("data-test-script-state", "notRunning")
+
+
+def sign_in(page, name: str, password: str = PASSWORD, *, with_enter: bool = False) -> None:
+    """Fill in the sign-in form and submit it (button, or Enter in the password field)."""
+    page.locator(".st-key-login_name input").fill(name)
+    password_box = page.locator(".st-key-login_password input")
+    password_box.fill(password)
+    if with_enter:
+        password_box.press("Enter")
+    else:
+        page.get_by_role("button", name="Sign in").click()
+
+
+def summary(page, *, fresh: bool = True):
+    """The "Your ranking: …" line of the annotator page (fresh: not a faded element left over
+    from the previous run while the script reruns, which can be drawn next to the new one)."""
+    boxes = page.get_by_test_id("stElementContainer")
+    if fresh:
+        boxes = boxes.and_(page.locator('[data-stale="false"]'))
+    return boxes.filter(has=page.get_by_text("Your ranking:"))
+
+
+def expect_ranking(page, places: str) -> None:
+    """The summary shows these places ("1. B = C  2. A"; "" for none) and the run is over."""
+    from playwright.sync_api import expect
+
+    shown = places.replace("  ", EM_SPACES) if places else "(empty)"
+    expect(summary(page)).to_have_text(f"Your ranking: {shown}")
+    wait_idle(page)
+    expect(summary(page, fresh=False)).to_have_count(1)  # no stale copy left behind
+
+
+def focus_page(page) -> None:
+    """Move the keyboard focus out of any input (where Streamlit ignores shortcuts)."""
+    page.get_by_role("heading", name="Label candidates").click()
+    wait_idle(page)
+    tag = page.evaluate("document.activeElement ? document.activeElement.tagName : 'BODY'")
+    assert tag not in ("INPUT", "TEXTAREA", "SELECT"), tag
+
+
+def letter_ids(annotator: str, group_id: int, candidate_ids: list[int]) -> dict[str, int]:
+    """Which candidate id the page shows under each letter for this annotator."""
+    order = annotation.display_order(annotator, group_id, len(candidate_ids))
+    return {annotation.letter(i): candidate_ids[p] for i, p in enumerate(order)}
+
+
+def stored_labels(ws: storedb.Workspace, annotator: str):
     with storedb.connect(ws) as con:
-        df = labels.labels(con)
-        group = labels.next_group(con, "nobody", 1)
-    assert len(df) == 1
-    row = df.iloc[0]
-    assert (row["group_id"], row["annotator"], row["flags"]) == (group.group_id, "pat", [])
-    order = annotation.display_order("pat", group.group_id, len(group.candidate_ids))
-    ids = {annotation.letter(i): group.candidate_ids[p] for i, p in enumerate(order)}
+        return labels.labels(con, annotator=annotator).set_index("group_id")
+
+
+# ----------------------------------------------------------------------------------------------
+# tests
+
+
+def test_sign_in_wrong_password_and_sign_out(serve, page, tmp_path):
+    from playwright.sync_api import expect
+
+    ws = make_workspace(tmp_path / "ws")
+    seed_round(ws, n_groups=1, k=2)
+    add_account(ws, "ann")
+    page.goto(serve(ws))
+
+    expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    expect(page.locator(".st-key-login_name input")).to_be_visible()
+    expect(page.get_by_role("button", name="Sign in")).to_be_visible()
+    wait_idle(page)
+    body = page.locator("body").inner_text()
+    assert "Prompt number" not in body and "Signed in as" not in body
+
+    sign_in(page, "ann", "not the password")
+    expect(page.get_by_test_id("stAlertContentError")).to_contain_text("wrong name or password")
+    wait_idle(page)
+    expect(page.locator(".st-key-login_password input")).to_have_value("")
+    assert "Prompt number" not in page.locator("body").inner_text()
+
+    sign_in(page, "ann", with_enter=True)
+    expect(page.get_by_text("Prompt number 1: say something nice.", exact=True)).to_be_visible()
+    expect(page.get_by_text("Signed in as ann (annotator)")).to_be_visible()
+    expect(page.get_by_role("heading", name="Label candidates")).to_be_visible()
+    expect(page.get_by_role("heading", name="Sign in")).to_have_count(0)
+    wait_idle(page)
+
+    page.locator(".st-key-sign_out button").click()
+    expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    expect(page.get_by_text("Signed out.")).to_be_visible()
+    wait_idle(page)
+    body = page.locator("body").inner_text()
+    assert "Prompt number" not in body and "Signed in as" not in body
+
+
+def test_rank_by_clicks_and_untrusted_text_stays_text(serve, page, tmp_path):
+    from playwright.sync_api import expect
+
+    ws = make_workspace(tmp_path / "ws")
+    seeded = seed_round(ws, n_groups=2, k=3, first_texts=[XSS])
+    add_account(ws, "pat", "researcher")  # a researcher labels too, and sees the Researcher page
+    page.goto(serve(ws))
+    sign_in(page, "pat")
+    expect(page.locator(".st-key-cand_C")).to_be_visible()
+    expect(page.get_by_text("Done 0 / left 2 in this round")).to_be_visible()
+    wait_idle(page)
+
+    # untrusted candidate text is shown literally, never as HTML or Markdown
+    expect(page.get_by_text(XSS, exact=True)).to_be_visible()
+    assert XSS in page.locator("body").inner_text()
+    assert page.locator('img[src="x"]').count() == 0
+    assert page.locator("strong", has_text="bold").count() == 0
+
+    page.locator(".st-key-rank_C button").click()
+    expect_ranking(page, "1. C")
+    page.locator(".st-key-tie_A button").click()
+    expect_ranking(page, "1. C = A")
+    page.locator(".st-key-rank_B button").click()
+    expect_ranking(page, "1. C = A  2. B")
+    page.screenshot(path=str(tmp_path / "annotator.png"), full_page=True)
+    page.locator(".st-key-submit button").click()
+    expect(page.get_by_text("Done 1 / left 1 in this round")).to_be_visible()
+    expect(page.get_by_text("Prompt number 2: say something nice.")).to_be_visible()
+    wait_idle(page)
+
+    page.get_by_text("Researcher", exact=True).click()
+    expect(page.get_by_role("heading", name="Jobs")).to_be_visible()
+    wait_idle(page)
+
+    df = stored_labels(ws, "pat")
+    group_id, cids = seeded.group_ids[0], seeded.candidate_ids[0]
+    assert list(df.index) == [group_id]
+    row = df.loc[group_id]
+    ids = letter_ids("pat", group_id, cids)
+    assert row["flags"] == []
     assert row["ranking"] == [[ids["C"], ids["A"]], [ids["B"]]]
+
+
+def _expect_group(page, seeded: SeededRound, index: int, done: int) -> None:
+    from playwright.sync_api import expect
+
+    left = len(seeded.group_ids) - done
+    expect(page.get_by_text(f"Done {done} / left {left} in this round")).to_be_visible()
+    expect(page.get_by_text(seeded.prompts[index], exact=True)).to_be_visible()
+    expect_ranking(page, "")
+
+
+def test_keyboard_ranking_skip_and_all_bad(serve, page, tmp_path):
+    from playwright.sync_api import expect
+
+    ws = make_workspace(tmp_path / "ws")
+    seeded = seed_round(ws, n_groups=3, k=4)
+    add_account(ws, "kim")
+    page.goto(serve(ws))
+    sign_in(page, "kim")
+    _expect_group(page, seeded, 0, done=0)
+
+    # keys typed into the comment box are text, not shortcuts
+    comment = "keys 1 2 t u s b typed here stay text"
+    page.get_by_label("Comment (optional)").click()
+    page.keyboard.type(comment)
+    page.keyboard.press("Enter")  # a new line in the text area, not Submit
+    wait_idle(page)
+    expect_ranking(page, "")
+    expect(page.get_by_text("Done 0 / left 3 in this round")).to_be_visible()
+    focus_page(page)  # (Escape does not leave a Streamlit text area; a click elsewhere does)
+
+    tie_armed = page.get_by_text("Tie armed: the next key ties with your last pick.")
+    steps = [  # key, places shown afterwards, whether tie is armed
+        ("2", "1. B", False),
+        ("t", "1. B", True),
+        ("3", "1. B = C", False),
+        ("1", "1. B = C  2. A", False),
+        ("u", "1. B = C", False),
+        ("4", "1. B = C  2. D", False),
+        ("t", "1. B = C  2. D", True),
+        ("u", "1. B = C", False),  # undo disarms the tie and takes back D
+        ("4", "1. B = C  2. D", False),
+        ("t", "1. B = C  2. D", True),
+        ("1", "1. B = C  2. D = A", False),
+    ]
+    for i, (key, places, armed) in enumerate(steps):
+        if i == 5:  # Enter on an unfinished ranking does nothing (Submit is disabled)
+            expect(page.locator(".st-key-submit button")).to_be_disabled()
+            page.keyboard.press("Enter")
+        page.keyboard.press(key)
+        if armed:
+            expect(tie_armed).to_be_visible()
+        else:
+            expect(tie_armed).to_have_count(0)
+        expect_ranking(page, places)
+    assert stored_labels(ws, "kim").empty
+    expect(page.get_by_text("Done 0 / left 3 in this round")).to_be_visible()
+    expect(page.locator(".st-key-submit button")).to_be_enabled()
+    page.keyboard.press("Enter")
+    expect(page.get_by_text("Saved your ranking.")).to_be_visible()
+    _expect_group(page, seeded, 1, done=1)
+
+    df = stored_labels(ws, "kim")
+    gid, cids = seeded.group_ids[0], seeded.candidate_ids[0]
+    ids = letter_ids("kim", gid, cids)
+    assert list(df.index) == [gid]
+    assert df.loc[gid, "ranking"] == [[ids["B"], ids["C"]], [ids["D"], ids["A"]]]
+    assert df.loc[gid, "flags"] == []
+    assert df.loc[gid, "comment"] == comment
+
+    # s skips the next group
+    page.keyboard.press("s")
+    expect(page.get_by_text("Skipped that group.")).to_be_visible()
+    _expect_group(page, seeded, 2, done=2)
+    gid = seeded.group_ids[1]
+    df = stored_labels(ws, "kim")
+    assert list(df.index) == [seeded.group_ids[0], gid]
+    assert df.loc[gid, "flags"] == ["skipped"]
+    assert df.loc[gid, "ranking"] is None
+
+    # b flags the last one all bad, also with a ranking begun
+    page.keyboard.press("3")
+    expect_ranking(page, "1. C")
+    page.keyboard.press("b")
+    expect(page.get_by_text("Flagged all bad and saved.")).to_be_visible()
+    expect(page.get_by_text(re.compile(r"No groups left for you in round \d+"))).to_be_visible()
+    expect(page.get_by_text("Done 3 / left 0 in this round")).to_be_visible()
+    wait_idle(page)
+    gid = seeded.group_ids[2]
+    df = stored_labels(ws, "kim")
+    assert list(df.index) == seeded.group_ids
+    assert df.loc[gid, "flags"] == ["all_bad"]
+    assert df.loc[gid, "ranking"] == [sorted(seeded.candidate_ids[2])]
+
+
+def test_keys_typed_ahead_are_not_lost(serve, page, tmp_path):
+    from playwright.sync_api import expect
+
+    ws = make_workspace(tmp_path / "ws")
+    seeded = seed_round(ws, n_groups=2, k=4)
+    add_account(ws, "kim")
+    page.goto(serve(ws))
+    sign_in(page, "kim")
+    _expect_group(page, seeded, 0, done=0)
+
+    page.keyboard.type("2t314")  # as a practised annotator types: no pause between keys
+    page.keyboard.press("Enter")
+    expect(page.get_by_text("Saved your ranking.")).to_be_visible(timeout=3_000)
+    _expect_group(page, seeded, 1, done=1)
+    gid, cids = seeded.group_ids[0], seeded.candidate_ids[0]
+    ids = letter_ids("kim", gid, cids)
+    ranking = stored_labels(ws, "kim").loc[gid, "ranking"]
+    assert ranking == [[ids["B"], ids["C"]], [ids["A"]], [ids["D"]]]

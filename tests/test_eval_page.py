@@ -9,6 +9,7 @@ from streamlit.testing.v1 import AppTest
 
 from store import db, evals, rounds
 from tests.cli_helpers import cli
+from tests.test_app import ensure_user, sign_in
 from tests.test_evaluation import tuned_ws  # noqa: F401  (fixture)
 
 APP = Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py"
@@ -16,7 +17,8 @@ APP = Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py"
 
 def _open(monkeypatch, ws: Path) -> AppTest:
     monkeypatch.setenv("PREFLOOP_WORKSPACE", str(ws))
-    at = AppTest.from_file(str(APP), default_timeout=60).run()
+    ensure_user("rita", "researcher")
+    at = sign_in(AppTest.from_file(str(APP), default_timeout=60).run(), "rita")
     at.sidebar.radio(key="page").set_value("Evaluation").run()
     assert not at.exception, at.exception
     return at

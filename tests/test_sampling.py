@@ -48,6 +48,15 @@ def test_same_seed_same_round_and_json_summary(tmp_path: Path, tiny_model_dir: P
     summary = json.loads(cli(capsys, *args, "--seed", 7, "--json"))
     assert summary["k"] == 3 and summary["groups"] == 5 and summary["model_version"] == "base"
     assert summary["settings"]["max_new_tokens"] == 10 and summary["settings"]["seed"] == 7
+    assert (summary["mode"], summary["overlap"]) == ("rank", 1)
+
+    guide = tmp_path / "guide.md"
+    guide.write_text("Prefer **short** answers.")
+    extra = ("--mode", "thumbs", "--overlap", 3, "--guidelines", guide, "--json")
+    summary = json.loads(cli(capsys, *args, "--seed", 7, *extra))
+    assert (summary["mode"], summary["overlap"]) == ("thumbs", 3)
+    with db.connect(db.workspace(ws)) as con:
+        assert rounds.round_options(con, summary["id"]).guidelines == "Prefer **short** answers."
 
 
 def test_round_stores_token_counts_finish_reasons_and_logprobs(

@@ -87,9 +87,13 @@ def _train(
 
 
 def sample_job(
-    ws: storedb.Workspace, cfg: SamplingConfig, version: str | None, show_progress: bool = True
+    ws: storedb.Workspace,
+    cfg: SamplingConfig,
+    version: str | None,
+    show_progress: bool = True,
+    options: dict | None = None,
 ) -> int:
-    """Sample a round as a tracked job; returns the round id."""
+    """Sample a round as a tracked job (options: its labelling options); returns the round id."""
     from labeling.sampling import sample_round
 
     with storedb.connect(ws) as con:
@@ -97,7 +101,9 @@ def sample_job(
         models.get_version(con, version)
         run_id = runs.start_run(con, "sample", {**asdict(cfg), "model_version": version})
     try:
-        round_id = sample_round(ws, cfg, version, run_id=run_id, show_progress=show_progress)
+        round_id = sample_round(
+            ws, cfg, version, run_id=run_id, show_progress=show_progress, options=options
+        )
     except BaseException as exc:
         _fail(ws, run_id, exc)
         raise

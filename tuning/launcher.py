@@ -28,8 +28,10 @@ def log_dir(ws: storedb.Workspace) -> Path:
     return ws.artifacts / LOG_DIR
 
 
-def sample_args(cfg: SamplingConfig, version: str | None) -> list[str]:
-    """The `prefloop sample` arguments for a sampling config and model version."""
+def sample_args(
+    cfg: SamplingConfig, version: str | None, mode: str = "rank", overlap: int = 1
+) -> list[str]:
+    """The `prefloop sample` arguments for a sampling config, model version and round options."""
     args = ["sample"]
     if version:
         args += ["--model", version]
@@ -51,7 +53,7 @@ def sample_args(cfg: SamplingConfig, version: str | None) -> list[str]:
     ]
     if cfg.limit:
         args += ["--limit", str(cfg.limit)]
-    return args
+    return [*args, "--mode", mode, "--overlap", str(int(overlap))]
 
 
 def tune_args(
