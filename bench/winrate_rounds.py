@@ -1,8 +1,8 @@
 """Win-rate over rounds: do two rounds of sample -> label -> tune beat π_ref on held-out prompts?
 
 Drives the real CLI (`python -m app.cli ...`, cwd = the repository root) on fresh temporary
-workspaces with the real default model (SmolLM2-135M-Instruct), one workspace per method so that
-each starts from the base model:
+workspaces with the real default model (SmolLM2-135M-Instruct); the loop itself lives in
+tests/rounds_harness.py, which tests/test_real_model.py runs at a smaller scale:
 
 - prompts: the 40 train prompts of labeling/data/demo_prompts.jsonl and the 10 held-out prompts of
   labeling/data/demo_prompts_heldout.jsonl (`--split heldout`);
@@ -10,15 +10,18 @@ each starts from the base model:
   model's tokenizer, rank higher (equal counts tie); every completion that hit the
   max-new-tokens limit (or is empty) is tied in the last place, so the model cannot win by packing
   tokens;
-- per method and round r: `sample --limit P --k K --max-new-tokens N --seed r` (round 1 from base,
-  later rounds from the newest version), `groups export --round R`, the scripted labels,
-  `labels import`, `tune --method M` (freezes all labels so far; `--from` the previous version
-  after round 1), then `eval --model vR --against base --judge bench.winrate_rounds:shorter_judge
-  --split heldout --k 2 --max-new-tokens N --json`.
+- round 1: `sample --model base --limit P --k K --max-new-tokens N --seed S+1`, `groups export`,
+  the scripted labels, `labels import`, once in a shared workspace (it is the same for every
+  method), which is then copied, one copy per method, so that each method starts from the base
+  model on the same labels;
+- per method and round r: `tune --method M` (freezes all labels so far; `--from` the previous
+  version after round 1), then `eval --model vR --against base --judge
+  tests.rounds_harness:shorter_judge --split heldout --k 2 --max-new-tokens N --json`; rounds
+  r > 1 first sample (`--seed S+r`) from the newest version and label its groups.
 
 The judge `shorter_judge(prompt, completion)` scores fewer words higher and a truncated (token
-count at the limit) or empty completion lowest. Its limit comes from $PREFLOOP_BENCH_MAX_NEW_TOKENS
-(the bench sets it for the eval subprocess; default 48).
+count at the limit) or empty completion lowest. Its limit comes from
+$PREFLOOP_JUDGE_MAX_NEW_TOKENS (set for the eval subprocesses).
 
 Goal: after the last round, the Wilson 95% lower bound of the win-rate against π_ref is above 0.5
 for every method.
@@ -34,247 +37,23 @@ Run:  .venv/bin/python bench/winrate_rounds.py --prompts 32 --k 4 --max-new-toke
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN_PROMPTS = ROOT / "labeling" / "data" / "demo_prompts.jsonl"
-HELDOUT_PROMPTS = ROOT / "labeling" / "data" / "demo_prompts_heldout.jsonl"
-JUDGE = "bench.winrate_rounds:shorter_judge"
-ANNOTATOR = "bench-shorter"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.rounds_harness import JUDGE, LoopSettings, n_tokens, run_loop, table  # noqa: E402
 
 TUNE_ARGS = {
     "dpo": "--lr 5e-4 --epochs 3 --beta 0.1 --groups-per-step 4",
     "grpo": "--lr 2e-3 --epochs 6 --groups-per-step 4 --beta 0.0",
 }
-
-_print_lock = threading.Lock()
-
-
-def log(msg: str) -> None:
-    with _print_lock:
-        print(msg, flush=True)
-
-
-# --------------------------------------------------------------------------- tokens and judge
-
-
-@lru_cache(maxsize=1)
-def _tokenizer():
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    from transformers import AutoTokenizer
-
-    from tuning.models_cache import ensure_default_model
-
-    return AutoTokenizer.from_pretrained(str(ensure_default_model()))
-
-
-def n_tokens(text: str) -> int:
-    return len(_tokenizer()(text, add_special_tokens=False)["input_ids"])
-
-
-def _limit() -> int:
-    return int(os.environ.get("PREFLOOP_BENCH_MAX_NEW_TOKENS", "48"))
-
-
-def is_truncated(text: str, max_new_tokens: int) -> bool:
-    """Empty, or (re-tokenised) at the max-new-tokens limit (one token of slack for re-merging)."""
-    return not text.strip() or n_tokens(text) >= max_new_tokens - 1
-
-
-def shorter_judge(prompt: str, completion: str) -> float:
-    """Higher is better: fewer words; a truncated or empty completion scores lowest."""
-    if is_truncated(completion, _limit()):
-        return -1e9
-    return -float(len(completion.split()))
-
-
-# --------------------------------------------------------------------------- CLI driving
-
-
-class Step:
-    def __init__(self, ws: Path, env: dict):
-        self.ws, self.env = ws, env
-
-    def cli(self, *args: str, timeout: float = 3600) -> str:
-        cmd = [sys.executable, "-m", "app.cli", *args, "--workspace", str(self.ws)]
-        if args[0] in ("prompts", "groups", "labels"):  # subcommand groups: flag after action
-            cmd = [
-                sys.executable,
-                "-m",
-                "app.cli",
-                *args[:2],
-                "--workspace",
-                str(self.ws),
-                *args[2:],
-            ]
-        proc = subprocess.run(
-            cmd, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(
-                f"{shlex.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n"
-                f"{proc.stderr[-4000:]}"
-            )
-        return proc.stdout
-
-
-def last_line(out: str) -> str:
-    return [x for x in out.splitlines() if x.strip()][-1].strip()
-
-
-def label_round(step: Step, round_id: int, max_new_tokens: int) -> tuple[int, int, int]:
-    """Export the round's groups, rank them shortest-first (truncated tied last), import."""
-    exported = step.ws / f"round{round_id}_groups.jsonl"
-    step.cli("groups", "export", "--round", str(round_id), "--out", str(exported))
-    rows, skipped, truncated = [], 0, 0
-    for line in exported.read_text().splitlines():
-        if not line.strip():
-            continue
-        g = json.loads(line)
-        places: dict[int, list] = {}
-        last = []
-        for c in g["candidates"]:
-            # the export's token count and finish reason when it has them, else re-tokenise
-            n = c["n_tokens"] if "n_tokens" in c else n_tokens(c["text"])
-            if "finish_reason" in c:
-                truncated_c = c["finish_reason"] == "length" or not c["text"].strip()
-            else:
-                truncated_c = is_truncated(c["text"], max_new_tokens)
-            if truncated_c:
-                last.append(c["id"])
-            else:
-                places.setdefault(n, []).append(c["id"])
-        truncated += len(last)
-        ranking = [places[n] for n in sorted(places)] + ([last] if last else [])
-        if len(ranking) < 2:  # no strict order: nothing to learn from
-            skipped += 1
-            continue
-        rows.append({"group_id": g["group_id"], "annotator": ANNOTATOR, "ranking": ranking})
-    labels = step.ws / f"round{round_id}_labels.jsonl"
-    labels.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    if rows:
-        step.cli("labels", "import", str(labels))
-    return len(rows), skipped, truncated
-
-
-def run_method(method: str, args: argparse.Namespace, base_dir: Path) -> dict:
-    ws = base_dir / method
-    env = dict(os.environ, PREFLOOP_BENCH_MAX_NEW_TOKENS=str(args.max_new_tokens))
-    step = Step(ws, env)
-    tune_args = shlex.split(
-        TUNE_ARGS[method] if args.tune_args.get(method) is None else args.tune_args[method]
-    )
-    t0 = time.perf_counter()
-    step.cli("init")
-    step.cli("prompts", "import", str(TRAIN_PROMPTS))
-    step.cli("prompts", "import", str(HELDOUT_PROMPTS), "--split", "heldout")
-    log(
-        f"[{method}] workspace {ws} ready ({time.perf_counter() - t0:.1f}s); "
-        f"tune settings: {shlex.join(tune_args)}"
-    )
-    result = {"method": method, "tune_args": shlex.join(tune_args), "rounds": []}
-    version = None
-    for r in range(1, args.rounds + 1):
-        times = {}
-        t = time.perf_counter()
-        out = step.cli(
-            "sample",
-            "--model",
-            version or "base",
-            "--limit",
-            str(args.prompts),
-            "--k",
-            str(args.k),
-            "--max-new-tokens",
-            str(args.max_new_tokens),
-            "--seed",
-            str(r),
-        )
-        round_id = int(last_line(out))
-        times["sample"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        n_labelled, n_skipped, n_trunc = label_round(step, round_id, args.max_new_tokens)
-        times["label"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        tune = ["tune", "--method", method, *tune_args, "--quiet"]
-        if version:
-            tune += ["--from", version]
-        version = last_line(step.cli(*tune))
-        times["tune"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        ev = json.loads(
-            last_line(
-                step.cli(
-                    "eval",
-                    "--model",
-                    version,
-                    "--against",
-                    "base",
-                    "--judge",
-                    JUDGE,
-                    "--split",
-                    "heldout",
-                    "--k",
-                    str(args.eval_k),
-                    "--max-new-tokens",
-                    str(args.max_new_tokens),
-                    "--json",
-                )
-            )
-        )
-        times["eval"] = time.perf_counter() - t
-        w, d = ev["winrate"], ev["drift"]
-        row = {
-            "round": r,
-            "round_id": round_id,
-            "version": version,
-            "labelled": n_labelled,
-            "skipped": n_skipped,
-            "truncated_candidates": n_trunc,
-            "win_rate": w["win_rate"],
-            "low": w["low"],
-            "high": w["high"],
-            "wins": w["wins"],
-            "losses": w["losses"],
-            "ties": w["ties"],
-            "n": w.get("n"),
-            "kl_per_token": d["kl_per_token"],
-            "mean_length": d["mean_length"],
-            "length_change": d["length_change"],
-            "limit_share": d["length_limit_share"],
-            "limit_share_base": d["length_limit_share_against"],
-            "times": times,
-        }
-        result["rounds"].append(row)
-        log(
-            f"[{method}] round {r} (round id {round_id}, {version}): labelled {n_labelled} groups "
-            f"(skipped {n_skipped} without strict order; {n_trunc} candidates at the limit)\n"
-            f"[{method}]   win-rate {row['win_rate']:.3f} Wilson95 [{row['low']:.3f}, "
-            f"{row['high']:.3f}] (wins {row['wins']}, losses {row['losses']}, ties {row['ties']}, "
-            f"n {row['n']})\n"
-            f"[{method}]   KL/token {row['kl_per_token']:.4f}; mean length "
-            f"{row['mean_length']:.1f} tokens ({row['length_change']:+.1f} vs base); hit limit "
-            f"{row['limit_share']:.0%} (base {row['limit_share_base']:.0%})\n"
-            f"[{method}]   wall: sample {times['sample']:.1f}s, label {times['label']:.1f}s, "
-            f"tune {times['tune']:.1f}s, eval {times['eval']:.1f}s"
-        )
-    result["total_s"] = time.perf_counter() - t0
-    return result
 
 
 def main() -> int:
@@ -285,6 +64,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--methods", default="dpo,grpo")
     ap.add_argument("--eval-k", type=int, default=2, help="eval samples per held-out prompt")
+    ap.add_argument("--seed", type=int, default=0, help="round r samples with seed + r")
     ap.add_argument("--keep", metavar="DIR", help="create the workspaces in DIR and keep them")
     ap.add_argument("--jobs", type=int, default=2, help="methods run concurrently")
     ap.add_argument("--dpo-args", help=f"tune settings for DPO (default: {TUNE_ARGS['dpo']})")
@@ -294,18 +74,27 @@ def main() -> int:
     for m in methods:
         if m not in TUNE_ARGS:
             ap.error(f"unknown method {m!r}")
-    args.tune_args = {"dpo": args.dpo_args, "grpo": args.grpo_args}
+    given = {"dpo": args.dpo_args, "grpo": args.grpo_args}
+    settings = LoopSettings(
+        prompts=args.prompts,
+        k=args.k,
+        max_new_tokens=args.max_new_tokens,
+        rounds=args.rounds,
+        eval_k=args.eval_k,
+        seed=args.seed,
+        tune_args={m: given[m] if given[m] is not None else TUNE_ARGS[m] for m in TUNE_ARGS},
+    )
 
     if args.keep:
         base_dir = Path(args.keep).resolve()
         base_dir.mkdir(parents=True, exist_ok=True)
-        for m in methods:
-            if (base_dir / m).exists():
-                ap.error(f"{base_dir / m} exists; pick an empty --keep DIR")
+        for name in ["round1", *methods]:
+            if (base_dir / name).exists():
+                ap.error(f"{base_dir / name} exists; pick an empty --keep DIR")
     else:
         base_dir = Path(tempfile.mkdtemp(prefix="prefloop-winrate-"))
 
-    # The judge must import the way the CLI will import it (cwd on sys.path, bench/ namespace).
+    # The judge must import the way the CLI will import it (cwd on sys.path).
     check = subprocess.run(
         [
             sys.executable,
@@ -321,54 +110,36 @@ def main() -> int:
     if check.returncode != 0 or check.stdout.strip() != "1.0":
         print(f"judge {JUDGE} does not load as expected:\n{check.stdout}{check.stderr}")
         return 1
-    _tokenizer()  # prepare the default model once before the jobs start
+    n_tokens("warm-up")  # prepare the default model once before the jobs start
 
-    log(
+    print(
         f"prompts {args.prompts}, k {args.k}, max-new-tokens {args.max_new_tokens}, rounds "
         f"{args.rounds}, methods {','.join(methods)}, eval k {args.eval_k} on the held-out split, "
-        f"judge {JUDGE}, jobs {args.jobs}, workspaces {base_dir}"
+        f"judge {JUDGE}, jobs {args.jobs}, workspaces {base_dir}",
+        flush=True,
     )
+    for m in methods:
+        print(f"[{m}] tune settings: {settings.tune_args[m]}", flush=True)
     t0 = time.perf_counter()
-    results, errors = {}, {}
     try:
-        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            futures = {m: pool.submit(run_method, m, args, base_dir) for m in methods}
-            for m, f in futures.items():
-                try:
-                    results[m] = f.result()
-                except Exception as exc:  # report what the other methods reached
-                    errors[m] = str(exc)
-                    log(f"[{m}] FAILED: {exc}")
+        results, errors = run_loop(base_dir, methods, settings, jobs=args.jobs)
+    except Exception as exc:  # round 1, shared by every method, failed
+        results, errors = {}, {m: f"round 1 failed: {exc}" for m in methods}
+        print(f"round 1 FAILED: {exc}")
     finally:
         if not args.keep:
             shutil.rmtree(base_dir, ignore_errors=True)
 
     print(f"\nsummary (total wall {time.perf_counter() - t0:.0f}s)")
-    header = (
-        f"{'method':<6} {'rnd':>3} {'ver':>4} {'win':>6} {'low':>6} {'high':>6} "
-        f"{'W/L/T':>9} {'KL/tok':>7} {'dlen':>6} {'limit':>6} {'sample':>7} {'label':>6} "
-        f"{'tune':>7} {'eval':>6}  settings"
-    )
-    print(header)
+    print(table(results))
     for m in methods:
-        res = results.get(m)
-        if res is None:
+        if m not in results:
             print(f"{m:<6} failed: {errors.get(m, '?').splitlines()[0]}")
-            continue
-        for row in res["rounds"]:
-            t = row["times"]
-            print(
-                f"{m:<6} {row['round']:>3} {row['version']:>4} {row['win_rate']:>6.3f} "
-                f"{row['low']:>6.3f} {row['high']:>6.3f} "
-                f"{row['wins']:>3}/{row['losses']}/{row['ties']:<3} {row['kl_per_token']:>7.4f} "
-                f"{row['length_change']:>+6.1f} {row['limit_share']:>6.0%} {t['sample']:>6.0f}s "
-                f"{t['label']:>5.0f}s {t['tune']:>6.0f}s {t['eval']:>5.0f}s  {res['tune_args']}"
-            )
     verdicts = []
     for m in methods:
         res = results.get(m)
-        ok = bool(res and res["rounds"] and res["rounds"][-1]["low"] > 0.5)
-        low = res["rounds"][-1]["low"] if res and res["rounds"] else float("nan")
+        low = res.rounds[-1].winrate["low"] if res and res.rounds else float("nan")
+        ok = low > 0.5
         verdicts.append(ok)
         print(
             f"goal {m}: Wilson lower bound after round {args.rounds} = {low:.3f} "

@@ -1,228 +1,150 @@
-"""The whole loop on the real default model, through the `prefloop` CLI as a user runs it.
+"""Two rounds of the loop on the real default model, through the `prefloop` CLI as a user runs it.
 
-A scripted annotator who prefers concise answers ranks every sampled group (fewer tokens first,
-answers cut off at the token limit tied last); DPO on those rankings must fit them, and the tuned
-version's answers to held-out prompts must get clearly shorter than the base model's.
+A scripted annotator who prefers concise answers (tests/rounds_harness.py: fewer tokens first,
+answers cut off at the token limit tied last) ranks every sampled group. Round 1 is sampled from
+the base model once and labelled once (it is the same for both methods); DPO and GRPO each tune
+on it in their own copy of the workspace, sample round 2 from their new version, have it labelled,
+and tune again on all labels `--from` that version. After each round `prefloop eval` compares the
+version's answers to the held-out prompts with π_ref's (the base model), same seed and settings,
+with a programmatic judge of the same taste (fewer words; a cut-off answer loses).
+
+For each method the judged win-rate against π_ref after round 2 must be above its round-1 value
+and its Wilson 95% interval must lie above 0.5; the DPO runs must fit their rankings and leave
+the records a researcher reads (versions, datasets, runs, step metrics); held-out answers get
+shorter. The bench (bench/winrate_rounds.py) runs the same loop at a larger scale.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import resource
-import statistics
-import subprocess
-import sys
-import time
+import math
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO / "labeling" / "data"
+from tests.rounds_harness import Cli, LoopSettings, MethodResult, run_loop, table
 
-# Settings found to work reliably on SmolLM2-135M-Instruct on a 2-core CPU: about 3-3.5 minutes
-# (sampling ~50 s, DPO ~85 s, held-out sampling 2 x ~35 s), up to ~5 when the CPU is shared.
-# With the CLI's default --lr 1e-4 and 3 epochs the run fits the rankings (accuracy 1.0) but
-# the policy barely moves: held-out lengths do not change.
-SEED = 0
+# Small enough for CI on a 2-core CPU; see MEASURED below for what these settings reach.
 K = 4
-TRAIN_PROMPTS = 16
-MAX_NEW_TOKENS = 64
-EPOCHS = 6
+PROMPTS = 12
+MAX_NEW_TOKENS = 48
 GROUPS_PER_STEP = 4
-TUNE_ARGS = [
-    *("--lr", "1e-3", "--beta", "0.1"),
-    *("--epochs", str(EPOCHS), "--groups-per-step", str(GROUPS_PER_STEP)),
-]
-# The tuned version's held-out answers must be at most this fraction of the base's mean length.
-MAX_LENGTH_RATIO = 0.8
-
-
-class Cli:
-    """Runs `python -m app.cli ... --workspace WS` in a subprocess and times each stage."""
-
-    def __init__(self, workspace: Path) -> None:
-        self.workspace = workspace
-        self.timings: list[tuple[str, float, float]] = []
-
-    def __call__(self, *args: str, stage: str | None = None) -> str:
-        """The command's stdout; a non-zero exit fails the test with its stderr."""
-        cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        t0 = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, "-m", "app.cli", *args, "--workspace", str(self.workspace)],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
-        )
-        wall = time.perf_counter() - t0
-        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
-        self.timings.append((stage or " ".join(args[:2]), wall, cpu))
-        assert proc.returncode == 0, (
-            f"`prefloop {' '.join(args)}` exited {proc.returncode}\n"
-            f"stdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-4000:]}"
-        )
-        return proc.stdout
-
-    def json(self, *args: str, stage: str | None = None):
-        """The command's stdout parsed as JSON (its last line)."""
-        return json.loads(self(*args, stage=stage).strip().splitlines()[-1])
-
-    def report(self) -> str:
-        """One line per command: wall and CPU seconds."""
-        lines = [f"  {name:<28} {wall:6.1f} s wall {cpu:6.1f} s cpu" for name, wall, cpu in self]
-        total = sum(w for _, w, _ in self.timings)
-        return "\n".join([*lines, f"  {'total':<28} {total:6.1f} s wall"])
-
-    def __iter__(self):
-        return iter(self.timings)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Rows of a JSONL file."""
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-
-
-def concise_annotator(groups: list[dict], n_tokens) -> list[dict]:
-    """Labels from an annotator who ranks every group's candidates shortest first.
-
-    Length is counted in tokens; answers that ran into the token limit are all "too long" and
-    tie in the last tier (ranking cut-off answers by characters would reward text that packs
-    few characters into many tokens, such as "1.1.1.1.", which DPO then learns). A group whose
-    candidates all ran into the limit is one tie and is left out of training.
-    """
-    labels = []
-    for g in groups:
-        tiers: dict[int, list[int]] = {}
-        for c in g["candidates"]:
-            length = min(n_tokens(c["text"]), MAX_NEW_TOKENS - 2)  # re-tokenising varies by ±2
-            tiers.setdefault(length, []).append(c["id"])
-        labels.append(
-            {
-                "group_id": g["group_id"],
-                "annotator": "concise-bot",
-                "ranking": [tiers[n] for n in sorted(tiers)],
-            }
-        )
-    return labels
+EPOCHS = {"dpo": 3, "grpo": 6}
+TUNE_ARGS = {
+    "dpo": f"--lr 5e-4 --epochs {EPOCHS['dpo']} --beta 0.1 --groups-per-step {GROUPS_PER_STEP}"
+    " --sft-weight 0.5",
+    "grpo": f"--lr 3e-3 --epochs {EPOCHS['grpo']} --beta 0.0 --groups-per-step {GROUPS_PER_STEP}",
+}
+SETTINGS = LoopSettings(
+    prompts=PROMPTS,
+    k=K,
+    max_new_tokens=MAX_NEW_TOKENS,
+    rounds=2,
+    eval_k=4,  # 10 held-out prompts x 4 samples = 40 judged pairs per evaluation
+    seed=0,
+    tune_args=TUNE_ARGS,
+    # one thread per job (the default on 2 cores): the same numerics, hence the same seeded
+    # samples, on a machine with more cores; the two methods run concurrently
+    env={"PREFLOOP_THREADS": "1"},
+)
+# Measured with these settings (round 1 / round 2 win-rate against π_ref, Wilson 95% low of
+# round 2), one line per seed of SETTINGS.seed:
+# (DPO without --sft-weight collapsed on seed 4: KL/token 10, win-rate 0.50; GRPO at lr 2e-3
+# stayed near 0.56 on seed 3.)
+MEASURED = """
+seed 0: DPO 0.500 -> 0.775 (low 0.625); GRPO 0.750 -> 0.988 (low 0.891)
+seed 1: DPO 0.675 -> 0.925 (low 0.801); GRPO 0.600 -> 0.988 (low 0.891)
+seed 2: DPO 0.713 -> 0.925 (low 0.801); GRPO 0.650 -> 0.900 (low 0.769)
+seed 3: DPO 0.550 -> 0.887 (low 0.754)
+"""
 
 
 @pytest.mark.slow
-def test_dpo_on_real_model_learns_a_length_preference(
+def test_two_rounds_of_dpo_and_grpo_raise_the_win_rate_against_pi_ref(
     default_model_dir: Path, tmp_path: Path
 ) -> None:
-    """init → import → sample → rank (shorter is better) → tune → held-out answers are shorter."""
-    from transformers import AutoTokenizer
+    """sample → rank (shorter is better) → tune, twice, per method; judged on held-out prompts."""
+    results, errors = run_loop(tmp_path, ["dpo", "grpo"], SETTINGS, jobs=2, log=print)
+    print(f"\n{table(results, settings=False)}")
+    for m, res in results.items():
+        print(f"{m}: {res.tune_args}; {res.total_s:.0f}s after round 1")
+    assert not errors, errors
 
-    ws = tmp_path / "ws"
-    cli = Cli(ws)
-    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    dpo_records(results["dpo"])
+    grpo_records(results["grpo"])
+    for method, res in results.items():
+        r1, r2 = res.rounds
+        w1, w2 = r1.winrate, r2.winrate
+        assert w1["n"] == w2["n"] == 10 * SETTINGS.eval_k, (w1, w2)
+        # two rounds beat π_ref on held-out prompts, and round 2 does not fall back
+        assert w2["low"] > 0.5, (method, w2)
+        assert w2["win_rate"] >= w1["win_rate"], (method, w1, w2)
+        # what the annotator and the judge reward: finished, shorter answers to unseen prompts,
+        # clearly shorter than π_ref's after round 2 and shorter than after round 1
+        d1, d2 = r1.drift, r2.drift
+        assert d2["mean_length"] <= 0.8 * d2["mean_length_against"], (method, d2)
+        assert d2["mean_length"] < d1["mean_length"], (method, d1, d2)
+        assert d2["length_limit_share"] < d2["length_limit_share_against"], (method, d2)
 
-    def n_tokens(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    # 1. a workspace on the default model, train and held-out prompts
-    cli("init")
-    assert cli.json("models", "list", "--json")[0]["base_model"] == "SmolLM2-135M-Instruct"
-    cli("prompts", "import", str(DATA / "demo_prompts.jsonl"), "--split", "train")
-    cli("prompts", "import", str(DATA / "demo_prompts_heldout.jsonl"), "--split", "heldout")
-
-    # 2. sample K candidates for the first TRAIN_PROMPTS train prompts
-    sampling = ["--k", str(K), "--max-new-tokens", str(MAX_NEW_TOKENS), "--json"]
-    train_round = cli.json(
-        "sample",
-        *sampling,
-        "--limit",
-        str(TRAIN_PROMPTS),
-        "--seed",
-        str(SEED),
-        stage="sample train (base)",
-    )
-    assert train_round["groups"] == TRAIN_PROMPTS
-
-    # 3. the scripted annotator ranks every group; its labels go in through the CLI
-    groups_file = tmp_path / "groups.jsonl"
-    cli("groups", "export", "--round", str(train_round["id"]), "--out", str(groups_file))
-    groups = read_jsonl(groups_file)
-    assert len(groups) == TRAIN_PROMPTS
-    assert all(len(g["candidates"]) == K for g in groups)
-    labels_file = tmp_path / "labels.jsonl"
-    labels_file.write_text(
-        "".join(json.dumps(r) + "\n" for r in concise_annotator(groups, n_tokens))
-    )
-    assert f"imported {TRAIN_PROMPTS} labels" in cli("labels", "import", str(labels_file))
-
-    # 4. DPO on the labelled groups (tune freezes them into a dataset version first)
-    version = (
-        cli("tune", "--method", "dpo", *TUNE_ARGS, "--seed", str(SEED), "--quiet", stage="tune dpo")
-        .strip()
-        .splitlines()[-1]
-    )
-
-    # 5. the run fits the rankings: final evaluation over all training groups
-    models = {m["id"]: m for m in cli.json("models", "list", "--json")}
-    assert version in models, f"tune printed {version!r}, models list has {sorted(models)}"
-    final = models[version]["config"]["final_metrics"]
-    runs = cli.json("runs", "list", "--json")
-    tune_run = next(r for r in runs if r["kind"] == "tune")
-    assert tune_run["status"] == "completed" and tune_run["result"] == version
-    run_final = json.loads(
-        (ws / "artifacts" / "runs" / str(tune_run["id"]) / "final_metrics.json").read_text()
-    )
-    assert run_final == pytest.approx(final, rel=1e-6)
-    (dataset,) = cli.json("dataset", "list", "--json")
-    assert models[version]["dataset_id"] == dataset["id"]
-    print(
-        f"\ndataset {dataset['id']}: {dataset['n_groups']} labelled groups "
-        f"(of {TRAIN_PROMPTS}), {dataset['n_pairs']} pairs"
-    )
-    print(f"final metrics of {version}: {json.dumps(final, indent=1)}")
-    assert final["rewards/accuracies"] >= 0.8, final
-    assert final["rewards/margins"] > 0, final
-
+def dpo_records(res: MethodResult) -> None:
+    """Both DPO runs fit their rankings and left versions, datasets, runs and step metrics."""
     from store import datasets, db
     from store import runs as store_runs
     from store.db import workspace
 
-    with db.connect(workspace(ws)) as con:
-        steps = store_runs.run_metrics(con, tune_run["id"])
-        info = datasets.get_dataset(con, dataset["id"])
-    # all-tied groups stay in the snapshot (GRPO counts them) but give DPO no pair to train on
-    ordered = sum(len(r) > 1 for r in datasets.read_snapshot(workspace(ws), info)["ranking"])
-    assert ordered >= 4, dataset  # enough groups with a shorter finished answer
-    n_steps = EPOCHS * -(-ordered // GROUPS_PER_STEP)
-    assert len(steps) == n_steps, steps
-    for name in ("loss", "rewards/accuracies", "rewards/margins", "learning_rate", "grad_norm"):
-        assert name in steps.columns and steps[name].notna().all(), (name, steps.columns)
+    cli = Cli(res.workspace)
+    r1, r2 = res.rounds
+    models = {m["id"]: m for m in cli.json("models", "list", "--json")}
+    assert {r1.version, r2.version} <= set(models), (r1.version, r2.version, sorted(models))
+    assert all(m["base_model"] == "SmolLM2-135M-Instruct" for m in models.values()), models
+    assert models[r2.version]["parent"] == r1.version, models[r2.version]
+    dsets = {d["id"]: d for d in cli.json("dataset", "list", "--json")}
+    tunes = [r for r in cli.json("runs", "list", "--json") if r["kind"] == "tune"]
+    assert len(tunes) == 2 and all(r["status"] == "completed" for r in tunes), tunes
+    labelled = 0
+    for row in res.rounds:
+        info = models[row.version]
+        final = info["config"]["final_metrics"]
+        print(f"{row.version} final metrics: {json.dumps(final)}")
+        assert final["rewards/accuracies"] >= 0.8, final
+        assert final["rewards/margins"] > 0, final
+        (run,) = [r for r in tunes if r["result"] == row.version]
+        run_dir = res.workspace / "artifacts" / "runs" / str(run["id"])
+        run_final = json.loads((run_dir / "final_metrics.json").read_text())
+        assert run_final == pytest.approx(final, rel=1e-6)
+        # tune freezes every label so far into a new dataset version; every labelled group has a
+        # strict order (the harness leaves all-tied groups out), so every group trains
+        labelled += row.labelled
+        dataset = dsets[info["dataset_id"]]
+        assert dataset["n_groups"] == labelled, (dataset, row)
+        with db.connect(workspace(res.workspace)) as con:
+            steps = store_runs.run_metrics(con, run["id"])
+            snapshot = datasets.read_snapshot(
+                workspace(res.workspace), datasets.get_dataset(con, dataset["id"])
+            )
+        assert all(len(r) > 1 for r in snapshot["ranking"]), snapshot["ranking"]
+        assert len(steps) == EPOCHS["dpo"] * math.ceil(labelled / GROUPS_PER_STEP), steps
+        for name in ("loss", "rewards/accuracies", "rewards/margins", "learning_rate", "grad_norm"):
+            assert name in steps.columns and steps[name].notna().all(), (name, steps.columns)
 
-    # 6. held-out prompts, base and tuned, same seed and settings: tuned answers are shorter
-    def heldout_lengths(model: str) -> list[int]:
-        info = cli.json(
-            "sample",
-            *sampling,
-            "--split",
-            "heldout",
-            "--model",
-            model,
-            "--seed",
-            str(SEED + 1),
-            stage=f"sample heldout ({model})",
-        )
-        assert info["model_version"] == model and info["split"] == "heldout"
-        out = tmp_path / f"heldout-{model}.jsonl"
-        cli("groups", "export", "--round", str(info["id"]), "--out", str(out))
-        return [n_tokens(c["text"]) for g in read_jsonl(out) for c in g["candidates"]]
 
-    base_lengths = heldout_lengths("base")
-    tuned_lengths = heldout_lengths(version)
-    assert len(base_lengths) == len(tuned_lengths) == 10 * K
-    base_mean, tuned_mean = statistics.mean(base_lengths), statistics.mean(tuned_lengths)
-    print(
-        f"held-out mean completion length: base {base_mean:.1f} tokens, "
-        f"{version} {tuned_mean:.1f} tokens (ratio {tuned_mean / base_mean:.2f})"
-    )
-    print(f"timings:\n{cli.report()}")
-    assert tuned_mean <= MAX_LENGTH_RATIO * base_mean, (base_mean, tuned_mean)
+def grpo_records(res: MethodResult) -> None:
+    """Both GRPO runs completed, one optimizer step per batch of groups per epoch."""
+    from store import db
+    from store import runs as store_runs
+    from store.db import workspace
+
+    cli = Cli(res.workspace)
+    models = {m["id"]: m for m in cli.json("models", "list", "--json")}
+    tunes = {r["result"]: r for r in cli.json("runs", "list", "--json") if r["kind"] == "tune"}
+    labelled = 0
+    for row in res.rounds:
+        info = models[row.version]
+        assert info["config"]["method"] == "grpo", info
+        labelled += row.labelled
+        with db.connect(workspace(res.workspace)) as con:
+            steps = store_runs.run_metrics(con, tunes[row.version]["id"])
+        assert len(steps) == EPOCHS["grpo"] * math.ceil(labelled / GROUPS_PER_STEP), steps
+        for name in ("loss", "kl", "learning_rate", "grad_norm"):
+            assert name in steps.columns and steps[name].notna().all(), (name, steps.columns)
