@@ -23,6 +23,16 @@ def _ws(args: argparse.Namespace):
     return workspace(args.workspace)
 
 
+def _round_ids(text: str | None) -> list[int] | None:
+    """Round ids from a --rounds value such as "1,3" (None when not given)."""
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise PrefloopError(f"--rounds takes round ids like 1,3; got {text!r}") from None
+
+
 def _print_table(df, as_json: bool) -> None:
     if as_json:
         print(df.to_json(orient="records", date_format="iso", default_handler=str))
@@ -224,13 +234,9 @@ def cmd_dataset_freeze(args: argparse.Namespace) -> None:
     def names(value: str | None) -> list[str] | None:
         return [x.strip() for x in value.split(",") if x.strip()] if value else None
 
-    try:
-        rounds = [int(r) for r in names(args.rounds)] if args.rounds else None
-    except ValueError:
-        raise PrefloopError(f"--rounds takes round ids like 1,3; got {args.rounds!r}") from None
     cur = Curation(
         split=args.split,
-        rounds=rounds,
+        rounds=_round_ids(args.rounds),
         annotators=names(args.annotators),
         exclude_annotators=names(args.exclude_annotators) or [],
         exclude_flagged=args.exclude_flagged,

@@ -73,19 +73,10 @@ def cmd_users_disable(args: argparse.Namespace) -> None:
     print(f"{args.name} {'enabled' if args.enable else 'disabled'}")
 
 
-def _round_ids(text: str | None) -> list[int] | None:
-    if not text:
-        return None
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise PrefloopError(f"--rounds takes comma-separated round ids, not {text!r}") from None
-
-
 def cmd_agreement(args: argparse.Namespace) -> None:
     import json
 
-    from app.cli import _print_table, _ws
+    from app.cli import _print_table, _round_ids, _ws
     from labeling.team import team_report
 
     report = team_report(

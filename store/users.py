@@ -24,7 +24,10 @@ MAX_WAIT_S = 300.0
 FAILURE_WINDOW = timedelta(minutes=15)
 MIN_PASSWORD = 8
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
-_DUMMY_SALT = b"prefloop-no-such-user"
+# Checked against for unknown names, so a wrong name costs as much time as a wrong password.
+_NO_SUCH_USER = (
+    "scrypt$16384$8$1$FtWvqwDQLl5KMS/g34I2YQ==$6CdsQOLF0kire4f+LmegnUGA+uogI/wtmGByaSg7q/Y="
+)
 
 
 def _now() -> datetime:
@@ -171,9 +174,7 @@ def authenticate(con: duckdb.DuckDBPyConnection, name: str, password: str) -> Us
     row = con.execute(
         "SELECT name, role, password_hash, active FROM users WHERE name = ?", [name]
     ).fetchone()
-    # Hash even for an unknown name so response time does not reveal which names exist.
-    ok = verify_password(password, row[2]) if row else hash_password(password, _DUMMY_SALT) == ""
-    ok = ok and bool(row and row[3])
+    ok = verify_password(password, row[2] if row else _NO_SUCH_USER) and bool(row and row[3])
     con.execute(
         "INSERT INTO login_attempts (name, ok, created) VALUES (?, ?, ?)", [name, ok, _now()]
     )
