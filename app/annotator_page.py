@@ -11,7 +11,8 @@ import time
 
 import streamlit as st
 
-from labeling import actions, annotation
+from app import actions
+from labeling import annotation
 from store import db as storedb
 from store.access import User
 from store.errors import PrefloopError

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from labeling import actions
+from app import actions
 from store import db as storedb
 from store.access import ROLES, User
 from store.errors import PrefloopError

@@ -7,13 +7,12 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from labeling import actions
+from app import actions, launcher
 from store import db as storedb
 from store import evals, models, rounds, runs
 from store.access import User
 from store.errors import PrefloopError
 from store.prompts import SPLITS
-from tuning import launcher
 from tuning.evaluation import EvalConfig, human_ab_results
 
 

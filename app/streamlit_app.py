@@ -1,7 +1,7 @@
 """The prefloop web app: an annotator page (ranking) and a researcher page (rounds, jobs, models).
 
 Run it with `prefloop serve --workspace DIR`. The page is a thin layer: ranking state lives in
-labeling.annotation, every query in store, background jobs in tuning.launcher. Model output
+labeling.annotation, every query in store, background jobs in app.launcher. Model output
 (prompts, candidates, logs) is shown only as plain text (st.text / st.code without a language).
 """
 
@@ -10,16 +10,15 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
+from app import actions, launcher
 from app.annotator_page import annotator_page
 from app.auth_pages import admin_page, login_page, sign_out, signed_in_user
 from app.datasets_panel import datasets_panel
-from labeling import actions
 from store import datasets, models, rounds, runs
 from store import db as storedb
 from store.access import User
 from store.errors import PrefloopError
 from store.prompts import SPLITS
-from tuning import launcher
 from tuning.config import DPOConfig, GRPOConfig, LoraSettings, SamplingConfig
 
 PAGES = ("Annotator", "Researcher", "Evaluation", "Team", "Admin")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from labeling import actions
+from app import actions
 from labeling.queue import parse_ranking
 from store import db as storedb
 from store.access import User

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from app import launcher
 from app.cli import build_parser
 from labeling import annotation
 from labeling.annotation import RankingState
@@ -18,7 +19,6 @@ from store import labels, models, prompts, rounds, runs, users
 from store.errors import PrefloopError
 from store.records import LabelRecord, PromptRecord
 from tests.fixtures_app import XSS, add_prompts, make_workspace, seed_round
-from tuning import launcher
 from tuning.config import DPOConfig, GRPOConfig, LoraSettings, SamplingConfig
 
 APP = Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py"
@@ -223,7 +223,7 @@ def test_round_title():
 
 
 # ----------------------------------------------------------------------------------------------
-# tuning.launcher
+# app.launcher
 
 
 def test_launcher_args_parse_back_to_the_same_configs():

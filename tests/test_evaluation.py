@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from labeling.annotation import save_label
-from labeling.judges import LLMJudge, load_programmatic_judge
+from labeling.judges import load_programmatic_judge
 from store import db, evals, labels, rounds
 from store.errors import PrefloopError
 from store.records import LabelRecord
@@ -16,6 +16,7 @@ from store.rounds import CandidateRecord
 from tests.cli_helpers import ROOT, cli, cli_error
 from tuning.eval_stats import distinct_n, expected_calibration_error, wilson_interval, win_rate
 from tuning.evaluation import EvalConfig, evaluate, human_ab_results
+from tuning.llm_judge import LLMJudge
 from tuning.modeling import load_base, load_tokenizer
 
 

@@ -24,12 +24,18 @@ import pytest
 
 from tests.rounds_harness import Cli, LoopSettings, MethodResult, run_loop, table
 
-# Small enough for CI on a 2-core CPU; see MEASURED below for what these settings reach.
+# Small enough for CI on a 2-core CPU: 4:55-5:04 for the whole file on an idle one (the methods
+# run concurrently, one thread each; GRPO's round-2 tuning, ~130 s, is the longest step).
 K = 4
 PROMPTS = 12
 MAX_NEW_TOKENS = 48
 GROUPS_PER_STEP = 4
 EPOCHS = {"dpo": 3, "grpo": 6}
+# DPO: the bench's settings plus an SFT term on each group's top-ranked answer (RPO). Without it,
+# on one seed in five round 2 over-shoots into empty answers (KL 10 nats/token), which the
+# judge ranks last: win-rate 0.50. GRPO: lr 3e-3 instead of the bench's 2e-3, which needs the
+# bench's 32 prompts a round (with 12 it stayed at 0.56 after round 2 on one seed in five);
+# 4e-3 over-shoots (round 2 fell back to 0.58 on one seed in five).
 TUNE_ARGS = {
     "dpo": f"--lr 5e-4 --epochs {EPOCHS['dpo']} --beta 0.1 --groups-per-step {GROUPS_PER_STEP}"
     " --sft-weight 0.5",
@@ -47,16 +53,21 @@ SETTINGS = LoopSettings(
     # samples, on a machine with more cores; the two methods run concurrently
     env={"PREFLOOP_THREADS": "1"},
 )
-# Measured with these settings (round 1 / round 2 win-rate against π_ref, Wilson 95% low of
-# round 2), one line per seed of SETTINGS.seed:
-# (DPO without --sft-weight collapsed on seed 4: KL/token 10, win-rate 0.50; GRPO at lr 2e-3
-# stayed near 0.56 on seed 3.)
-MEASURED = """
-seed 0: DPO 0.500 -> 0.775 (low 0.625); GRPO 0.750 -> 0.988 (low 0.891)
-seed 1: DPO 0.675 -> 0.925 (low 0.801); GRPO 0.600 -> 0.988 (low 0.891)
-seed 2: DPO 0.713 -> 0.925 (low 0.801); GRPO 0.650 -> 0.900 (low 0.769)
-seed 3: DPO 0.550 -> 0.887 (low 0.754)
-"""
+# Measured with these settings for SETTINGS.seed = 0..6 (the test runs seed 0): win-rate
+# against π_ref after round 1 -> after round 2 (Wilson 95% lower bound after round 2).
+#   seed  DPO                      GRPO
+#   0     0.500 -> 0.775 (0.625)   0.750 -> 0.988 (0.891)
+#   1     0.675 -> 0.925 (0.801)   0.600 -> 0.988 (0.891)
+#   2     0.713 -> 0.925 (0.801)   0.650 -> 0.900 (0.769)
+#   3     0.550 -> 0.887 (0.754)   0.662 -> 0.900 (0.769)
+#   4     0.700 -> 0.963 (0.853)   0.825 -> 0.950 (0.835)
+#   5     0.600 -> 0.850 (0.709)   0.675 -> 0.975 (0.871)
+#   6     0.637 -> 0.825 (0.681)   0.700 -> 0.963 (0.853)
+# Round 2 gains 0.19-0.34 (DPO) and 0.125-0.39 (GRPO) over round 1; its lower bound is at least
+# 0.625. Held-out answers after round 2: 11.6-24.4 (DPO) and 17.7-28.8 (GRPO) tokens shorter
+# than π_ref's ~47 (at most 0.75 of their length), 10 or more shorter than after round 1;
+# KL 0.25-0.48 (DPO) and 0.55-0.94 (GRPO) nats/token.
+MAX_LENGTH_RATIO = 0.85
 
 
 @pytest.mark.slow
@@ -76,13 +87,13 @@ def test_two_rounds_of_dpo_and_grpo_raise_the_win_rate_against_pi_ref(
         r1, r2 = res.rounds
         w1, w2 = r1.winrate, r2.winrate
         assert w1["n"] == w2["n"] == 10 * SETTINGS.eval_k, (w1, w2)
-        # two rounds beat π_ref on held-out prompts, and round 2 does not fall back
+        # two rounds beat π_ref on held-out prompts, and round 2 beats round 1
         assert w2["low"] > 0.5, (method, w2)
-        assert w2["win_rate"] >= w1["win_rate"], (method, w1, w2)
+        assert w2["win_rate"] > w1["win_rate"], (method, w1, w2)
         # what the annotator and the judge reward: finished, shorter answers to unseen prompts,
         # clearly shorter than π_ref's after round 2 and shorter than after round 1
         d1, d2 = r1.drift, r2.drift
-        assert d2["mean_length"] <= 0.8 * d2["mean_length_against"], (method, d2)
+        assert d2["mean_length"] <= MAX_LENGTH_RATIO * d2["mean_length_against"], (method, d2)
         assert d2["mean_length"] < d1["mean_length"], (method, d1, d2)
         assert d2["length_limit_share"] < d2["length_limit_share_against"], (method, d2)
 

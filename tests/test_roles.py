@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from labeling import actions
+from app import actions
 from store import db as storedb
 from store import labels, users
 from store.access import AccessDenied, User

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from labeling.generation import HFGenerator
 from store import db, rounds
 from tests.cli_helpers import ROOT, cli, run_cli
 from tuning.batching import GroupTokens, collate, sequence_logps
+from tuning.generation import HFGenerator
 from tuning.modeling import load_base, load_tokenizer, prompt_ids
 
 PROMPTS = ROOT / "labeling" / "data" / "demo_prompts.jsonl"

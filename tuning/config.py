@@ -47,6 +47,18 @@ class TrainSettings:
     groups_per_step: int = 4
     seed: int = 0
     lora: LoraSettings = field(default_factory=LoraSettings)
+    # the per-epoch guard: after each epoch sample guard_prompts held-out prompts (k=2) from the
+    # policy; stop at the last epoch whose KL per token to π_ref is within kl_budget and whose
+    # broken share is at most 5%, and keep that epoch's adapter (guard_prompts=0: off)
+    kl_budget: float = 0.5
+    guard_prompts: int = 8
+    guard_max_new_tokens: int = 48
+    # the promotion gate at the end of the run: held-out prompts sampled (k=2) to judge it
+    gate_prompts: int = 16
+    # tune --from: adapt beta from the parent's measured KL per token against this target
+    # (the Ziegler rule, once per round); None: half the KL budget
+    kl_target: float | None = None
+    adapt_beta: bool = True
 
     def to_dict(self) -> dict:
         """A plain dict of every setting, for storing with the model version."""

@@ -58,7 +58,7 @@ class EvalConfig:
 
 def _round_for(ws: storedb.Workspace, version: str, cfg: SamplingConfig) -> int:
     """A round of this version with exactly these settings: reused if sampled before."""
-    from labeling.sampling import sample_round
+    from tuning.sampling import sample_round
 
     wanted = {**asdict(cfg), "model_version": version}
     with storedb.connect(ws) as con:
@@ -75,7 +75,8 @@ def _by_prompt(con, round_id: int) -> dict[int, rounds.GroupRecord]:
 
 def load_judge(ws: storedb.Workspace, cfg: EvalConfig):
     """The judge cfg names: a programmatic module:function or the LLM judge."""
-    from labeling.judges import DEFAULT_RUBRIC, LLMJudge, load_programmatic_judge
+    from labeling.judges import DEFAULT_RUBRIC, load_programmatic_judge
+    from tuning.llm_judge import LLMJudge
 
     if cfg.judge == LLM:
         from tuning.modeling import load_base, load_tokenizer

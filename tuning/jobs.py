@@ -94,7 +94,7 @@ def sample_job(
     options: dict | None = None,
 ) -> int:
     """Sample a round as a tracked job (options: its labelling options); returns the round id."""
-    from labeling.sampling import sample_round
+    from tuning.sampling import sample_round
 
     with storedb.connect(ws) as con:
         version = version or models.latest_version(con)

@@ -26,7 +26,7 @@ def sample_round(
 
     options: the round's labelling options (mode, overlap, guidelines; see rounds.RoundOptions).
     """
-    from labeling.generation import HFGenerator
+    from tuning.generation import HFGenerator
     from tuning.modeling import limit_threads, load_tokenizer, load_version, prompt_ids
 
     if cfg.k < 1 or cfg.max_new_tokens < 1:

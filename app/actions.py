@@ -155,7 +155,7 @@ def all_labels(
 
 def start_job(ws: storedb.Workspace, user: User, args: list[str]) -> tuple[int, Path]:
     """Start a `prefloop` sampling, tuning or evaluation job in the background."""
-    from tuning import launcher
+    from app import launcher
 
     require(user, "start_jobs")
     if not args or args[0] not in ("sample", "tune", "eval", "judge"):

@@ -1,0 +1,123 @@
+"""Fluency measures of a version's answers: NLL per token under π_ref, broken answers, KL.
+
+A preference win is only worth something if the answer is still language. These measures say
+whether it is: an answer is *broken* when it is empty, degenerate repetition, or much less likely
+under π_ref (per token) than π_ref's own answers to the same prompts.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from dataclasses import asdict, dataclass
+
+# An answer whose NLL per token under π_ref exceeds the median of π_ref's own answers by more
+# than this many nats is counted as broken.
+BROKEN_MARGIN = 1.0
+# The broken share above which a version is "won by breaking the model".
+MAX_BROKEN_SHARE = 0.05
+
+_WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+
+
+def degenerate(text: str, *, min_words: int = 12, max_repeat: int = 6) -> bool:
+    """True for an empty answer or one that is mostly repetition.
+
+    Repetition: the same word or punctuation mark `max_repeat` or more times in a row, or (for
+    answers of at least `min_words` words) fewer than 40% of its word trigrams distinct.
+    """
+    words = _WORD.findall(text.lower())
+    if not words:
+        return True
+    run = 1
+    for a, b in zip(words, words[1:], strict=False):
+        run = run + 1 if a == b else 1
+        if run >= max_repeat:
+            return True
+    if len(words) < min_words:
+        return False
+    trigrams = list(zip(words, words[1:], words[2:], strict=False))
+    return len(set(trigrams)) / len(trigrams) < 0.4
+
+
+def broken_flags(
+    nll_per_token: list[float],
+    texts: list[str],
+    reference_nll_per_token: list[float],
+    margin: float = BROKEN_MARGIN,
+) -> list[bool]:
+    """Which answers are broken: empty, degenerate, or with an NLL per token under π_ref more
+    than `margin` nats above the median of π_ref's own answers (reference_nll_per_token)."""
+    limit = statistics.median(reference_nll_per_token) + margin if reference_nll_per_token else None
+    return [
+        degenerate(t) or (limit is not None and nll > limit)
+        for nll, t in zip(nll_per_token, texts, strict=True)
+    ]
+
+
+@dataclass
+class Fluency:
+    """Fluency of a version's answers beside π_ref's own answers to the same prompts."""
+
+    nll_per_token: float  # mean over answers, under π_ref
+    nll_per_token_against: float
+    fluency_drift: float  # the difference: how much less natural the version's answers are
+    broken_share: float
+    broken_share_against: float
+    kl_per_token: float | None = None  # on the version's own samples, when measured
+
+    def to_dict(self) -> dict:
+        """Plain dict for storing."""
+        return asdict(self)
+
+
+def fluency(
+    nll: list[float],
+    texts: list[str],
+    reference_nll: list[float],
+    reference_texts: list[str],
+    kl_per_token: float | None = None,
+    margin: float = BROKEN_MARGIN,
+) -> tuple[Fluency, list[bool], list[bool]]:
+    """Fluency summary plus the broken flags of the version's and of π_ref's answers.
+
+    nll / reference_nll: NLL per token under π_ref of each answer of the version / of π_ref.
+    """
+    mine = broken_flags(nll, texts, reference_nll, margin)
+    theirs = broken_flags(reference_nll, reference_texts, reference_nll, margin)
+    mean = statistics.fmean(nll) if nll else float("nan")
+    mean_ref = statistics.fmean(reference_nll) if reference_nll else float("nan")
+    summary = Fluency(
+        nll_per_token=mean,
+        nll_per_token_against=mean_ref,
+        fluency_drift=mean - mean_ref,
+        broken_share=sum(mine) / len(mine) if mine else 0.0,
+        broken_share_against=sum(theirs) / len(theirs) if theirs else 0.0,
+        kl_per_token=kl_per_token,
+    )
+    return summary, mine, theirs
+
+
+def guarded_outcomes(
+    outcomes: list[float], broken: list[bool], broken_against: list[bool]
+) -> list[float]:
+    """Judged outcomes (1 = the version wins) with broken answers counted as losing: a broken
+    answer never wins; if both sides are broken the pair is a tie."""
+    out = []
+    for o, mine, theirs in zip(outcomes, broken, broken_against, strict=True):
+        if mine and theirs:
+            out.append(0.5)
+        elif mine:
+            out.append(0.0)
+        elif theirs:
+            out.append(1.0)
+        else:
+            out.append(o)
+    return out
+
+
+def won_by_breaking(broken_share: float, kl_per_token: float | None, kl_budget: float) -> bool:
+    """True when a version's answers are too often broken or it drifted past its KL budget."""
+    return broken_share > MAX_BROKEN_SHARE or (
+        kl_per_token is not None and kl_per_token > kl_budget
+    )
