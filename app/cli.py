@@ -11,8 +11,12 @@ import sys
 import threading
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from store.errors import PrefloopError
+
+if TYPE_CHECKING:
+    from tuning.config import DPOConfig, GRPOConfig
 
 DEMO_DATA = Path(__file__).resolve().parent.parent / "labeling" / "data"
 
@@ -99,19 +103,11 @@ def cmd_prompts_import(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
+    from app.config_options import config_from_args
     from tuning.config import SamplingConfig
     from tuning.jobs import sample_job
 
-    cfg = SamplingConfig(
-        k=args.k,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        split=args.split,
-        limit=args.limit,
-        prompts_per_batch=args.prompts_per_batch,
-    )
+    cfg = config_from_args(SamplingConfig, args)
     ws = _ws(args)
     options = {"mode": args.mode, "overlap": args.overlap}
     if args.guidelines:
@@ -174,58 +170,116 @@ def cmd_labels_import(args: argparse.Namespace) -> None:
     print(f"imported {n} labels")
 
 
+# keys of a `tune --config` file that are not settings: what to train from and on, and what a
+# model version stores next to its settings (ignored, so a stored config re-runs as it is)
+RUN_KEYS = ("method", "from", "dataset")
+RECORD_KEYS = ("final_metrics", "gate", "training")  # stored with a version, not settings
+
+
+def tune_config(
+    args: argparse.Namespace,
+) -> tuple[str, DPOConfig | GRPOConfig, str | None, str | None]:
+    """The (method, config, --from version, dataset version) a `tune` command line asks for."""
+    from app.config_options import config_from_args, flags, options_given, read_config_file
+    from tuning.config import METHOD_CONFIGS
+
+    path = args.config
+    stored = read_config_file(path) if path else {}
+    where = f"config file {path}: " if path else ""
+    for key in RUN_KEYS:
+        if not isinstance(stored.get(key), (str, type(None))):
+            raise PrefloopError(f"{where}{key!r} must be a string or null; got {stored[key]!r}")
+    method = args.method or stored.get("method") or "dpo"
+    if method not in METHOD_CONFIGS:
+        raise PrefloopError(
+            f"{where}unknown tuning method {method!r}; use one of {', '.join(METHOD_CONFIGS)}"
+        )
+    cls = METHOD_CONFIGS[method]
+    own = {opt.flag for opt in options_given(args, cls)}
+    foreign = [
+        opt
+        for other in METHOD_CONFIGS.values()
+        if other is not cls
+        for opt in options_given(args, other)
+        if opt.flag not in own
+    ]
+    if foreign:
+        raise PrefloopError(
+            f"{flags(foreign)} {'is not a setting' if len(foreign) == 1 else 'are not settings'} "
+            f"of --method {method}; see `prefloop tune --help` for each method's settings"
+        )
+    base = {k: v for k, v in stored.items() if k not in RUN_KEYS + RECORD_KEYS}
+    try:
+        cfg = config_from_args(cls, args, base)
+    except PrefloopError as exc:
+        where = f"config file {path} (--method {method})" if path else f"--method {method}"
+        raise PrefloopError(
+            f"{where}: {exc}; fix it, or see `prefloop tune --help` for the settings"
+        ) from None
+    from_version = getattr(args, "from") or stored.get("from")
+    dataset = args.dataset or stored.get("dataset")
+    return method, cfg, (None if from_version == "base" else from_version), dataset
+
+
 def cmd_tune(args: argparse.Namespace) -> None:
-    from tuning.config import DPOConfig, GRPOConfig, LoraSettings
     from tuning.jobs import tune_job
 
-    lora = LoraSettings(
-        r=args.lora_r,
-        alpha=args.lora_alpha,
-        target_modules=[m.strip() for m in args.target_modules.split(",") if m.strip()],
-    )
-    common = dict(
-        epochs=args.epochs,
-        lr=args.lr,
-        max_length=args.max_length,
-        groups_per_step=args.groups_per_step,
-        seed=args.seed,
-        lora=lora,
-    )
-    if args.method == "grpo":
-        cfg = GRPOConfig(
-            beta=0.04 if args.beta is None else args.beta,
-            gains=args.gains,
-            scale_rewards=args.scale_rewards,
-            epsilon=args.epsilon,
-            epsilon_high=args.epsilon_high,
-            target_kl=args.target_kl,
-            loss_type=args.loss_type,
-            ppo_epochs=args.ppo_epochs,
-            entropy_coef=args.entropy_coef,
-            gain_source=args.gain_source,
-            **common,
-        )
-    else:
-        cfg = DPOConfig(
-            beta=0.1 if args.beta is None else args.beta,
-            loss_type=args.loss,
-            label_smoothing=args.label_smoothing,
-            sft_weight=args.sft_weight,
-            listwise=args.listwise,
-            soft_labels=args.soft_labels,
-            early_stop=args.early_stop,
-            **common,
-        )
+    method, cfg, from_version, dataset_id = tune_config(args)
     version = tune_job(
         _ws(args),
         cfg,
-        method=args.method,
-        from_version=getattr(args, "from"),
-        dataset_id=args.dataset,
+        method=method,
+        from_version=from_version,
+        dataset_id=dataset_id,
         show_progress=not args.quiet,
     )
     if version:  # only the main process of a multi-process run reports
         print(version)
+
+
+def cmd_models_config(args: argparse.Namespace) -> None:
+    from store import db, models
+    from tuning.config import METHOD_CONFIGS
+
+    with db.connect(_ws(args)) as con:
+        row = models.get_version(con, args.version)
+    if row is None:
+        raise PrefloopError(
+            "the base model was not tuned, so it has no config; give a version such as v1 "
+            "(see `prefloop models list`)"
+        )
+    stored = dict(row["config"])
+    method = stored.get("method") or row["method"]
+    if method not in METHOD_CONFIGS:
+        raise PrefloopError(f"version {args.version} was trained by {method!r}, not tune")
+    requested = (stored.get("training") or {}).get("beta_requested")
+    if requested is not None:  # the β asked for; the run adapts it from the parent again
+        stored["beta"] = requested
+    cfg = METHOD_CONFIGS[method].from_dict(stored)
+    out = {
+        "method": method,
+        "from": stored.get("from", row["parent"]),
+        "dataset": stored.get("dataset", row["dataset_id"]),
+        **cfg.to_dict(),
+    }
+    print(json.dumps(out, indent=2))
+
+
+def cmd_models_promote(args: argparse.Namespace) -> None:
+    from store import db, models
+
+    with db.connect(_ws(args)) as con:
+        gate = models.promote(con, args.version, force=args.force)
+    forced = " despite its failed gate (forced)" if gate.get("forced") else ""
+    print(f"{args.version} is promoted{forced}: `prefloop sample` draws new rounds from it")
+
+
+def _gate_text(gate) -> str:
+    if not isinstance(gate, dict):
+        return "(before the gate)"
+    if gate.get("forced"):
+        return "forced: " + "; ".join(gate.get("reasons", []))
+    return "passed" if gate.get("passed") else "FAILED: " + "; ".join(gate.get("reasons", []))
 
 
 def cmd_dataset_freeze(args: argparse.Namespace) -> None:
@@ -283,6 +337,9 @@ def cmd_list(what: str):
             if what == "models":
                 df = models.list_versions(con)
                 df.insert(3, "base_path", [_local_path(b) for b in df["base_model"]])
+                if not args.json:  # the table: the gate's verdict in words, not its record
+                    df["gate"] = df["gate"].map(_gate_text)
+                    df = df.drop(columns=["config"])
             elif what == "rounds":
                 df = rounds.list_rounds(con)
             elif what == "datasets":
@@ -302,6 +359,7 @@ def cmd_list(what: str):
                         "base_model": base,
                         "base_path": _local_path(base),
                         "method": "base",
+                        "promoted": True,
                     }
                 ]
             )
@@ -327,7 +385,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from tuning.evaluation import EvalConfig
+    from tuning.evaluation import EvalConfig, breaking_reason
     from tuning.jobs import eval_job
 
     cfg = EvalConfig(
@@ -361,6 +419,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
             f"win-rate {w['win_rate']:.3f} [{w['low']:.3f}, {w['high']:.3f}] "
             f"(wins {w['wins']}, losses {w['losses']}, ties {w['ties']}; judge {args.judge})"
         )
+        if "guarded_win_rate" in w:
+            print(
+                f"guarded win-rate {w['guarded_win_rate']:.3f} "
+                f"[{w['guarded_low']:.3f}, {w['guarded_high']:.3f}] (wins "
+                f"{w['guarded_wins']}, losses {w['guarded_losses']}, ties {w['guarded_ties']}; "
+                "broken answers never win)"
+            )
     if "human_ab_round" in result:
         print(
             f"A/B evaluation round {result['human_ab_round']} is in the annotator queue; "
@@ -372,6 +437,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
         f"({d['length_change']:+.1f}); distinct-2 {d['distinct2']:.3f}; "
         f"hit limit {d['length_limit_share']:.0%}"
     )
+    print(
+        f"NLL/token under π_ref {d['nll_per_token']:.3f} vs {d['nll_per_token_against']:.3f} "
+        f"({result['against']}); fluency drift {d['fluency_drift']:+.3f}; broken share "
+        f"{d['broken_share']:.0%} vs {d['broken_share_against']:.0%}"
+    )
+    reason = breaking_reason(d)
+    if reason:
+        print(f"WON BY BREAKING THE MODEL: {reason}")
     if "preference" in result:
         p = result["preference"]
         print(
@@ -432,6 +505,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
+    from app.config_options import add_config_options, add_method_options
+    from tuning.config import METHOD_CONFIGS, SamplingConfig
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--workspace",
@@ -474,14 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="VERSION",
         help="model version to sample from ('base' = the base model; default: newest)",
     )
-    p.add_argument("--split", default="train", choices=["train", "heldout"])
-    p.add_argument("--k", type=int, default=4, help="candidates per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, help="sample only the first N prompts of the split")
-    p.add_argument("--prompts-per-batch", type=int, default=8)
+    add_config_options(p.add_argument_group("sampling settings"), SamplingConfig)
     p.add_argument(
         "--mode",
         default="rank",
@@ -523,90 +592,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--split", default="train", choices=["train", "heldout"])
 
-    p = add("tune", cmd_tune, "train a LoRA adapter on the labelled groups (DPO or GRPO)")
-    p.add_argument("--method", default="dpo", choices=["dpo", "grpo"])
+    p = add(
+        "tune",
+        cmd_tune,
+        "train a LoRA adapter on the labelled groups (DPO or GRPO); every setting's default "
+        "comes from the method's config dataclass (tuning/config.py)",
+    )
     p.add_argument(
-        "--beta",
-        type=float,
-        help="DPO: β of the implicit reward (default 0.1); GRPO: KL weight (0.04)",
+        "--method",
+        choices=list(METHOD_CONFIGS),
+        help="tuning method (default: the --config file's, else dpo)",
     )
-    dpo = p.add_argument_group("DPO family")
-    dpo.add_argument("--loss", default="sigmoid", choices=["sigmoid", "ipo", "hinge", "robust"])
-    dpo.add_argument(
-        "--label-smoothing",
-        type=float,
-        default=0.0,
-        help="ε of conservative (sigmoid) or robust DPO",
+    p.add_argument(
+        "--config",
+        metavar="FILE.json",
+        help="a JSON object of settings, flat or as `prefloop models config VERSION` prints it; "
+        "its method, from and dataset are used unless given as options; options override it",
     )
-    dpo.add_argument(
-        "--sft-weight",
-        type=float,
-        default=0.0,
-        help="α: add α × the top-ranked candidate's NLL per token",
-    )
-    dpo.add_argument(
-        "--listwise",
-        action="store_true",
-        help="Plackett–Luce over the whole ranking instead of all pairs",
-    )
-    dpo.add_argument(
-        "--soft-labels",
-        default="empirical",
-        choices=["empirical", "bt", "hard"],
-        help="pair targets: empirical (share of annotators preferring; the default), bt "
-        "(fitted Bradley–Terry probabilities) or hard (consensus pairs, target 1)",
-    )
-    dpo.add_argument(
-        "--hard-labels",
-        dest="soft_labels",
-        action="store_const",
-        const="hard",
-        default="empirical",
-        help="same as --soft-labels hard",
-    )
-    dpo.add_argument(
-        "--early-stop",
-        type=int,
-        default=0,
-        metavar="PATIENCE",
-        help="stop after PATIENCE epochs without better held-out preference "
-        "accuracy and keep the best epoch (needs labelled held-out groups)",
-    )
-    grpo = p.add_argument_group("GRPO")
-    grpo.add_argument(
-        "--gains", default="linear", help="rank → gain: linear, dcg, or values such as 1,0.6,0.3,0"
-    )
-    grpo.add_argument("--scale-rewards", default="group", choices=["group", "batch", "none"])
-    grpo.add_argument("--epsilon", type=float, default=0.2)
-    grpo.add_argument("--epsilon-high", type=float)
-    grpo.add_argument(
-        "--target-kl", type=float, help="adapt β to hold this KL per token (e.g. 0.05–0.2 nats)"
-    )
-    grpo.add_argument("--loss-type", default="grpo", choices=["grpo", "bnpo", "dr_grpo"])
-    grpo.add_argument("--ppo-epochs", type=int, default=1, help="passes over each batch")
-    grpo.add_argument("--entropy-coef", type=float, default=0.0, help="entropy bonus weight")
-    grpo.add_argument(
-        "--gain-source",
-        default="mean",
-        choices=["mean", "bt"],
-        help="per-candidate gains: mean of the annotators' --gains schedule, or bt "
-        "(mean Bradley–Terry probability of beating the group's other candidates)",
-    )
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--lora-alpha", type=int, default=32)
-    p.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj")
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--groups-per-step", type=int, default=4)
     p.add_argument("--from", metavar="VERSION", help="continue training this version's adapter")
     p.add_argument(
         "--dataset",
         metavar="VERSION",
         help="train on this dataset version (default: freeze the current labels)",
     )
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    method_groups = add_method_options(p, METHOD_CONFIGS)
+    method_groups["dpo"].add_argument(
+        "--hard-labels",
+        dest="soft_labels",
+        action="store_const",
+        const="hard",
+        default=argparse.SUPPRESS,
+        help="same as --soft-labels hard",
+    )
 
     ds = sub.add_parser("dataset", help="dataset versions").add_subparsers(
         dest="sub", required=True, metavar="SUBCOMMAND"
@@ -667,6 +685,26 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p = add("list", cmd_list(what), f"list {what}", grp)
         p.add_argument("--json", action="store_true")
+        if name == "models":
+            p = add(
+                "config",
+                cmd_models_config,
+                "print a model version's tuning settings as JSON, the form `prefloop tune "
+                "--config FILE` takes (re-runs the version as it was)",
+                grp,
+            )
+            p.add_argument("version", metavar="VERSION")
+            p = add(
+                "promote",
+                cmd_models_promote,
+                "make a version the one `prefloop sample` draws new rounds from (a version "
+                "that failed its promotion gate needs --force)",
+                grp,
+            )
+            p.add_argument("version", metavar="VERSION")
+            p.add_argument(
+                "--force", action="store_true", help="promote even though its gate failed"
+            )
 
     p = add("export", cmd_export, "export a dataset version for TRL / datasets")
     p.add_argument(

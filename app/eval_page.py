@@ -13,7 +13,12 @@ from store import evals, models, rounds, runs
 from store.access import User
 from store.errors import PrefloopError
 from store.prompts import SPLITS
-from tuning.evaluation import EvalConfig, human_ab_results
+from tuning.evaluation import EvalConfig, breaking_reason, human_ab_results
+
+FLUENCY = ["nll_per_token", "nll_per_token_against", "fluency_drift", "broken_share",
+           "broken_share_against"]  # fmt: skip
+GUARDED = ["guarded_win_rate", "guarded_low", "guarded_high", "guarded_wins", "guarded_losses",
+           "guarded_ties"]  # fmt: skip
 
 
 def _eval_form(ws: storedb.Workspace, version_ids: list[str]) -> None:
@@ -73,27 +78,122 @@ def _winrate_chart(wr: pd.DataFrame) -> None:
     st.altair_chart(points + bars + rule, width="stretch")
 
 
+def _rounds_key(round_ids: list | None) -> tuple[int, ...]:
+    """Round ids as a comparable tuple."""
+    return tuple(int(r) for r in round_ids or [])
+
+
+def _latest_drift(drift: pd.DataFrame, version: str, round_ids: list | None) -> dict | None:
+    """The newest drift row of this version on these rounds (any rounds when none match)."""
+    mine = drift[drift["version"] == version]
+    same = mine[mine["round_ids"].map(_rounds_key) == _rounds_key(round_ids)]
+    pick = same if not same.empty else mine
+    return None if pick.empty else pick.iloc[-1].to_dict()
+
+
+def _with_fluency(wr: pd.DataFrame, drift: pd.DataFrame) -> pd.DataFrame:
+    """Win-rate rows with the fluency measures of the drift eval of the same rounds."""
+    wr["won_by_breaking"] = None
+    for idx, row in wr.iterrows():
+        d = _latest_drift(drift, row["version"], row["round_ids"])
+        if d is not None and _rounds_key(d["round_ids"]) == _rounds_key(row["round_ids"]):
+            for col in FLUENCY:
+                wr.at[idx, col] = d.get(col)
+            wr.at[idx, "won_by_breaking"] = breaking_reason(_present(d)) is not None
+    return wr
+
+
+def _present(row: dict) -> dict:
+    """A flattened row without its missing (NaN) values."""
+    return {k: v for k, v in row.items() if not (isinstance(v, float) and pd.isna(v))}
+
+
+def _plain(text: str) -> str:
+    """Text from data with Markdown's special characters escaped."""
+    return "".join("\\" + c if c in "\\`*_{}[]()#+-.!<>|~$" else c for c in str(text))
+
+
+def _pct(x: float | None) -> str:
+    """A share as a percentage; a dash when missing."""
+    return "–" if x is None or pd.isna(x) else f"{x:.0%}"
+
+
+def _num(x: float | None, fmt: str = ".3f") -> str:
+    """A number formatted; a dash when missing."""
+    return "–" if x is None or pd.isna(x) else format(x, fmt)
+
+
+def _latest_per_version(flat: pd.DataFrame, drift: pd.DataFrame) -> None:
+    """Per version, its latest evaluation: the red mark when it won by breaking the model, then
+    raw and guarded win-rate beside the fluency measures."""
+    latest = flat[flat["kind"].isin(["winrate", "drift"])]
+    if latest.empty:
+        return
+    st.markdown("**Latest evaluation per version**")
+    for version in dict.fromkeys(latest["version"]):
+        rows = latest[latest["version"] == version]
+        last = rows.iloc[-1]
+        d = _latest_drift(drift, version, last["round_ids"])
+        w = rows[
+            (rows["kind"] == "winrate")
+            & (rows["round_ids"].map(_rounds_key) == _rounds_key(last["round_ids"]))
+        ]
+        w = None if w.empty else w.iloc[-1]
+        with st.container(border=True):
+            st.text(f"{version} vs {last['against']} (rounds {list(last['round_ids'])})")
+            reason = breaking_reason(_present(d)) if d is not None else None
+            if reason:
+                st.error(f"{_plain(version)}: won by breaking the model ({_plain(reason)})")
+            c = st.columns(6)
+            c[0].metric("win-rate", _num(None if w is None else w["win_rate"]))
+            c[1].metric("guarded win-rate", _num(None if w is None else w["guarded_win_rate"]))
+            c[2].metric("NLL/token (π_ref)", _num(None if d is None else d.get("nll_per_token")))
+            c[3].metric(
+                "NLL/token, against", _num(None if d is None else d.get("nll_per_token_against"))
+            )
+            c[4].metric("broken share", _pct(None if d is None else d.get("broken_share")))
+            c[5].metric(
+                "broken, against", _pct(None if d is None else d.get("broken_share_against"))
+            )
+            if d is not None:
+                st.caption(
+                    f"fluency drift {_num(d.get('fluency_drift'), '+.3f')} nats/token; "
+                    f"KL per token {_num(d.get('kl_per_token'))} (budget "
+                    f"{_num(d.get('kl_budget'), 'g')})"
+                )
+
+
 def _results(ws: storedb.Workspace, ev: pd.DataFrame) -> None:
     st.subheader("Results per model version")
     if ev.empty:
         st.caption("No evaluations yet: start one above or run `prefloop eval`.")
         return
     flat = pd.concat([ev.drop(columns=["metrics"]), pd.json_normalize(ev["metrics"])], axis=1)
-    wr = flat[flat["kind"] == "winrate"].copy()
+    flat = flat.reindex(columns=list(dict.fromkeys([*flat.columns, *FLUENCY, *GUARDED])))
+    drift = flat[flat["kind"] == "drift"]
+    wr = _with_fluency(flat[flat["kind"] == "winrate"].copy(), drift)
+    _latest_per_version(flat, drift)
     if not wr.empty:
         wr["label"] = wr["version"] + " vs " + wr["against"] + " #" + wr["id"].astype(str)
         _winrate_chart(wr)
+        st.caption(
+            "guarded: broken answers (empty, degenerate, or > 1 nat/token less likely under π_ref "
+            "than π_ref's median answer) never win; fluency columns from the same rounds' drift"
+        )
         st.dataframe(
             wr[["id", "version", "against", "judge", "wins", "losses", "ties", "win_rate", "low",
-                "high", "round_ids", "created"]],
+                "high", *GUARDED, *FLUENCY, "won_by_breaking", "round_ids", "created"]],
             hide_index=True, width="stretch",
         )  # fmt: skip
-    drift = flat[flat["kind"] == "drift"]
     if not drift.empty:
-        st.markdown("**Drift** (KL to π_ref per token, length, diversity, length-limit hits)")
+        st.markdown(
+            "**Drift** (KL to π_ref per token, length, diversity, length-limit hits, NLL per "
+            "token under π_ref, broken answers)"
+        )
         st.dataframe(
             drift[["id", "version", "against", "kl_per_token", "mean_length", "length_change",
-                   "distinct2", "distinct2_against", "length_limit_share", "created"]],
+                   "distinct2", "distinct2_against", "length_limit_share", *FLUENCY,
+                   "kl_budget", "won_by_breaking", "created"]],
             hide_index=True, width="stretch",
         )  # fmt: skip
     pref = flat[flat["kind"] == "preference"]
@@ -146,6 +246,11 @@ def _human_rounds(ws: storedb.Workspace, round_df: pd.DataFrame) -> None:
                 "win_rate": r.get("win_rate"),
                 "low": r.get("low"),
                 "high": r.get("high"),
+                "guarded_win_rate": r.get("guarded_win_rate"),
+                "guarded_low": r.get("guarded_low"),
+                "guarded_high": r.get("guarded_high"),
+                "broken": r.get("broken"),
+                "broken_against": r.get("broken_against"),
             }
         )
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")

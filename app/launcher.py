@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -56,76 +57,35 @@ def sample_args(
     return [*args, "--mode", mode, "--overlap", str(int(overlap))]
 
 
-def tune_args(
+def tune_config_args(
+    ws: storedb.Workspace,
     cfg: DPOConfig | GRPOConfig,
     *,
     method: str = "dpo",
     from_version: str | None = None,
     dataset_id: str | None = None,
 ) -> list[str]:
-    """The `prefloop tune` arguments for a DPO or GRPO config."""
-    args = [
-        "tune",
-        "--method",
-        method,
-        "--beta",
-        repr(float(cfg.beta)),
-        "--epochs",
-        str(cfg.epochs),
-        "--lr",
-        repr(float(cfg.lr)),
-        "--lora-r",
-        str(cfg.lora.r),
-        "--lora-alpha",
-        str(cfg.lora.alpha),
-        "--target-modules",
-        ",".join(cfg.lora.target_modules),
-        "--max-length",
-        str(cfg.max_length),
-        "--groups-per-step",
-        str(cfg.groups_per_step),
-        "--seed",
-        str(cfg.seed),
-    ]
-    if isinstance(cfg, GRPOConfig):
-        args += [
-            "--gains",
-            cfg.gains,
-            "--scale-rewards",
-            cfg.scale_rewards,
-            "--epsilon",
-            repr(float(cfg.epsilon)),
-            "--loss-type",
-            cfg.loss_type,
-            "--ppo-epochs",
-            str(cfg.ppo_epochs),
-            "--entropy-coef",
-            repr(cfg.entropy_coef),
-            "--gain-source",
-            cfg.gain_source,
-        ]
-        if cfg.epsilon_high is not None:
-            args += ["--epsilon-high", repr(float(cfg.epsilon_high))]
-        if cfg.target_kl:
-            args += ["--target-kl", repr(float(cfg.target_kl))]
-    else:
-        args += [
-            "--loss",
-            cfg.loss_type,
-            "--label-smoothing",
-            repr(float(cfg.label_smoothing)),
-            "--sft-weight",
-            repr(float(cfg.sft_weight)),
-            "--early-stop",
-            str(cfg.early_stop),
-        ]
-        args += ["--listwise"] if cfg.listwise else []
-        args += ["--soft-labels", cfg.soft_labels]
-    if from_version and from_version != "base":
-        args += ["--from", from_version]
-    if dataset_id:
-        args += ["--dataset", dataset_id]
-    return args
+    """Write a run's config as a JSON file in the job log folder; the `prefloop tune` arguments."""
+    config = {
+        "method": method,
+        "from": None if from_version in (None, "", "base") else from_version,
+        "dataset": dataset_id or None,
+        **cfg.to_dict(),
+    }
+    folder = log_dir(ws)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=f"tune-{stamp}-{method}-", suffix=".json.tmp", dir=folder
+        )
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2)
+        path = Path(tmp_name).with_suffix("")  # the unique name without ".tmp"
+        os.replace(tmp_name, path)
+    except OSError as exc:
+        raise PrefloopError(f"could not write the run's config into {folder}: {exc}") from exc
+    return ["tune", "--config", str(path)]
 
 
 def _reap(proc: subprocess.Popen, log_path: Path) -> None:

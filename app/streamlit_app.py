@@ -139,13 +139,14 @@ def _sampling_form(ws: storedb.Workspace, version_ids: list[str], newest: str) -
 
 
 def _tuning_form(ws: storedb.Workspace, version_ids: list[str], dataset_ids: list[str]) -> None:
-    default = DPOConfig()
-    with st.form("tune_form"):
-        st.subheader("Start a tuning run")
-        method = st.selectbox("Method", list(METHODS), key="tune_method")
+    st.subheader("Start a tuning run")
+    # outside the form, so the fields below show the chosen method's own defaults
+    method = st.selectbox("Method", list(METHODS), key="tune_method")
+    default = GRPOConfig() if METHODS[method][0] == "grpo" else DPOConfig()
+    with st.form(f"tune_form_{METHODS[method][0]}"):
         c1, c2 = st.columns(2)
         beta = c1.number_input(
-            "Beta", min_value=0.001, max_value=10.0, value=default.beta, key="tune_beta"
+            "Beta", min_value=0.0, max_value=10.0, value=float(default.beta), key="tune_beta"
         )
         epochs = c2.number_input(
             "Epochs", min_value=1, max_value=100, value=default.epochs, key="tune_epochs"
@@ -180,17 +181,28 @@ def _tuning_form(ws: storedb.Workspace, version_ids: list[str], dataset_ids: lis
         dataset = c2.selectbox(
             "Dataset version", [NEW_DATASET, *reversed(dataset_ids)], key="tune_dataset"
         )
-        sft = c1.number_input("DPO: SFT weight α", min_value=0.0, value=0.0, key="tune_sft")
-        gains = c2.text_input(
-            "GRPO: gains (linear, dcg or 1,0.6,0.3,0)", "linear", key="tune_gains"
-        )
-        target_kl = c1.number_input(
-            "GRPO: target KL per token (0 = fixed β)",
-            min_value=0.0,
-            value=0.0,
+        kl_budget = c1.number_input(
+            "KL budget (nats/token; the per-epoch guard and the promotion gate)",
+            min_value=0.001,
+            value=float(default.kl_budget),
             format="%.3f",
-            key="tune_target_kl",
+            key="tune_kl_budget",
         )
+        if isinstance(default, DPOConfig):
+            sft = c2.number_input(
+                "SFT weight α", min_value=0.0, value=float(default.sft_weight), key="tune_sft"
+            )
+        else:
+            gains = c2.text_input(
+                "Gains (linear, dcg or 1,0.6,0.3,0)", default.gains, key="tune_gains"
+            )
+            target_kl = c1.number_input(
+                "Target KL per token within the run (0 = fixed β)",
+                min_value=0.0,
+                value=float(default.target_kl or 0.0),
+                format="%.3f",
+                key="tune_target_kl",
+            )
         if st.form_submit_button("Start tuning run", key="start_tuning"):
             name, loss = METHODS[method]
             common = dict(
@@ -198,6 +210,7 @@ def _tuning_form(ws: storedb.Workspace, version_ids: list[str], dataset_ids: lis
                 lr=float(lr),
                 groups_per_step=int(groups_per_step),
                 lora=LoraSettings(r=int(lora_r), alpha=int(lora_alpha)),
+                kl_budget=float(kl_budget),
             )
             if name == "grpo":
                 cfg = GRPOConfig(
@@ -214,7 +227,8 @@ def _tuning_form(ws: storedb.Workspace, version_ids: list[str], dataset_ids: lis
                     sft_weight=float(sft),
                     **common,
                 )
-            args = launcher.tune_args(
+            args = launcher.tune_config_args(
+                ws,
                 cfg,
                 method=name,
                 from_version=None if parent == NO_PARENT else parent,
@@ -227,12 +241,16 @@ def _metric_charts(metrics: pd.DataFrame) -> None:
     if metrics.empty:
         st.caption("No metrics yet.")
         return
-    names = [n for n in ("loss", "rewards/accuracies") if n in metrics.columns]
+    names = [n for n in ("loss", "rewards/accuracies", "kl") if n in metrics.columns]
+    guard = [n for n in ("guard/kl_per_token", "guard/broken_share") if n in metrics.columns]
+    if guard:  # the per-epoch fluency guard: one point per epoch
+        names += guard
     if names:
         for col, name in zip(st.columns(len(names)), names, strict=True):
             with col:
                 st.markdown(f"**{name}**")
-                st.line_chart(metrics[[name]], x_label="step", y_label=name, height=260)
+                series = metrics[[name]].dropna()
+                st.line_chart(series, x_label="step", y_label=name, height=260)
     elif len(metrics) > 1:
         st.line_chart(metrics, x_label="step", height=260)
     last = metrics.ffill().iloc[-1]

@@ -209,9 +209,9 @@ def run_prefloop(model_dir: str, rows: list[dict], args, workdir: Path) -> dict:
             rows,
             cfg,
             out,
-            on_step=lambda _s, m: losses.append(m["loss"]),
+            on_step=lambda _s, m: losses.append(m["loss"]) if "loss" in m else None,
             show_progress=False,
-        )
+        ).metrics
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         total, cpu = time.perf_counter() - t0, time.process_time() - c0

@@ -212,6 +212,12 @@ MIGRATIONS: list[str] = [
     );
     ALTER TABLE datasets ADD COLUMN stats VARCHAR;
     """,
+    # 5: the promotion gate. Versions made before it count as promoted.
+    """
+    ALTER TABLE model_versions ADD COLUMN gate VARCHAR;
+    ALTER TABLE model_versions ADD COLUMN promoted BOOLEAN DEFAULT true;
+    ALTER TABLE model_versions ADD COLUMN kind VARCHAR DEFAULT 'policy';
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -27,10 +27,12 @@ def base_model(con: duckdb.DuckDBPyConnection) -> str:
 def list_versions(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
     """Model versions, oldest first, with their config decoded."""
     df = con.execute(
-        "SELECT id, parent, base_model, adapter_path, dataset_id, method, config, run_id, created "
-        "FROM model_versions ORDER BY created, id"
+        "SELECT id, parent, base_model, adapter_path, dataset_id, method, promoted, gate, config, "
+        "run_id, created FROM model_versions ORDER BY created, id"
     ).df()
     df["config"] = df["config"].map(json.loads)
+    df["gate"] = df["gate"].map(lambda g: json.loads(g) if isinstance(g, str) else None)
+    df["promoted"] = df["promoted"].fillna(True).astype(bool)
     return df
 
 
@@ -52,6 +54,38 @@ def latest_version(con: duckdb.DuckDBPyConnection) -> str:
     return BASE if df.empty else str(df.iloc[-1]["id"])
 
 
+def default_version(con: duckdb.DuckDBPyConnection) -> str:
+    """The version a new round samples from by default: the newest promoted one, or 'base'."""
+    df = list_versions(con)
+    df = df[df["promoted"]]
+    return BASE if df.empty else str(df.iloc[-1]["id"])
+
+
+def set_gate(con: duckdb.DuckDBPyConnection, version: str, gate: dict, promoted: bool) -> None:
+    """Record a version's promotion-gate verdict and whether it is promoted."""
+    get_version(con, version)
+    con.execute(
+        "UPDATE model_versions SET gate = ?, promoted = ? WHERE id = ?",
+        [json.dumps(gate, sort_keys=True, default=float), promoted, version],
+    )
+
+
+def promote(con: duckdb.DuckDBPyConnection, version: str, force: bool = False) -> dict:
+    """Make a version the default for sampling; a version that failed its gate needs force."""
+    info = get_version(con, version)
+    if info is None:
+        raise PrefloopError("the base model is always available; name a version such as v2")
+    gate = info["gate"] or {}
+    if gate.get("passed") is False and not force:
+        raise PrefloopError(
+            f"{version} failed its promotion gate ({'; '.join(gate.get('reasons', []))}); "
+            f"use --force to promote it anyway"
+        )
+    gate = {**gate, "forced": bool(force and gate.get("passed") is False)}
+    set_gate(con, version, gate, True)
+    return gate
+
+
 def register_version(
     ws: Workspace,
     con: duckdb.DuckDBPyConnection,
@@ -62,6 +96,7 @@ def register_version(
     method: str,
     config: dict,
     run_id: int | None,
+    promoted: bool = True,
 ) -> str:
     """Move a complete adapter folder into place and record it as the next version."""
     n = con.execute("SELECT count(*) FROM model_versions").fetchone()[0]
@@ -74,7 +109,7 @@ def register_version(
     try:
         con.execute(
             "INSERT INTO model_versions (id, parent, base_model, adapter_path, dataset_id, method, "
-            "config, run_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "config, run_id, promoted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 version,
                 parent,
@@ -84,6 +119,7 @@ def register_version(
                 method,
                 json.dumps(config, sort_keys=True),
                 run_id,
+                promoted,
             ],
         )
     except Exception:

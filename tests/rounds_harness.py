@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -46,6 +47,9 @@ HELDOUT_PROMPTS = DATA / "demo_prompts_heldout.jsonl"
 JUDGE = "tests.rounds_harness:shorter_judge"
 LIMIT_ENV = "PREFLOOP_JUDGE_MAX_NEW_TOKENS"
 ANNOTATOR = "shorter-bot"
+# a second taste that is not about length: a formal register (see informality)
+FORMAL_JUDGE = "tests.rounds_harness:formal_judge"
+FORMAL_ANNOTATOR = "formal-bot"
 
 
 # --------------------------------------------------------------------------- tokens and judge
@@ -79,7 +83,56 @@ def shorter_judge(prompt: str, completion: str) -> float:
     return -float(len(completion.split()))
 
 
+_INFORMAL = re.compile(
+    r"!|\b(?:\w+n't|i'm|you're|we're|they're|it's|that's|let's|there's|here's|i'll|you'll|"
+    r"i've|you've|i'd|you'd|sure|absolutely|of course|great question|hey|hi|awesome|cool|"
+    r"super|totally|gonna|wanna|yeah|yes|okay|ok|lol|:\)|;\))\b|[\U0001F300-\U0001FAFF]",
+    re.IGNORECASE,
+)
+
+
+def informality(text: str) -> float | None:
+    """Informal markers (exclamation marks, contractions, chatty words, emoji) per word, or
+    None for an empty answer. Independent of length: a rate, not a count."""
+    words = len(text.split())
+    if not words:
+        return None
+    return len(_INFORMAL.findall(text.replace("’", "'"))) / max(words, 10)
+
+
+def formal_judge(prompt: str, completion: str) -> float:
+    """Higher is better: fewer informal markers per word; an empty answer scores lowest."""
+    rate = informality(completion)
+    return -1e9 if rate is None else -rate
+
+
 # --------------------------------------------------------------------------- the annotator
+
+
+def rank_formal(groups: list[dict], max_new_tokens: int) -> tuple[list[dict], int, int]:
+    """Labels of an annotator who prefers a formal register: candidates ranked by informal
+    markers per word (fewer first, equal rates tie), empty answers tied last. Length and
+    cut-offs do not matter to this annotator."""
+    rows, skipped, empty = [], 0, 0
+    for g in groups:
+        places: dict[float, list] = {}
+        last = []
+        for c in g["candidates"]:
+            rate = informality(c["text"])
+            if rate is None:
+                last.append(c["id"])
+            else:
+                places.setdefault(round(rate, 6), []).append(c["id"])
+        empty += len(last)
+        ranking = [places[r] for r in sorted(places)] + ([last] if last else [])
+        if len(ranking) < 2:
+            skipped += 1
+            continue
+        rows.append({"group_id": g["group_id"], "annotator": FORMAL_ANNOTATOR, "ranking": ranking})
+    return rows, skipped, empty
+
+
+TASTES = {"shorter": JUDGE, "formal": FORMAL_JUDGE}
 
 
 def rank_shorter(groups: list[dict], max_new_tokens: int) -> tuple[list[dict], int, int]:
@@ -173,6 +226,7 @@ class LoopSettings:
     eval_temperature: float = 0.7
     eval_top_p: float = 0.95
     tune_args: dict[str, str] = field(default_factory=dict)  # method -> `prefloop tune` flags
+    taste: str = "shorter"  # the scripted annotator and judge: shorter | formal
     env: dict[str, str] = field(default_factory=dict)  # extra environment for every command
 
 
@@ -216,11 +270,14 @@ def _print(msg: str) -> None:
     print(msg, flush=True)
 
 
-def label_round(cli: Cli, round_id: int, max_new_tokens: int) -> tuple[int, int, int]:
+def label_round(
+    cli: Cli, round_id: int, max_new_tokens: int, taste: str = "shorter"
+) -> tuple[int, int, int]:
     """Export the round's groups, rank them with the scripted annotator, import the labels."""
     exported = cli.workspace / f"round{round_id}_groups.jsonl"
     cli("groups", "export", "--round", str(round_id), "--out", str(exported))
-    rows, skipped, truncated = rank_shorter(read_jsonl(exported), max_new_tokens)
+    rank = rank_formal if taste == "formal" else rank_shorter
+    rows, skipped, truncated = rank(read_jsonl(exported), max_new_tokens)
     labels = cli.workspace / f"round{round_id}_labels.jsonl"
     labels.write_text("".join(json.dumps(r) + "\n" for r in rows))
     if rows:
@@ -240,7 +297,7 @@ def sample_and_label(cli: Cli, s: LoopSettings, model: str, r: int) -> tuple[int
     times = {"sample": time.perf_counter() - t}
     assert info["groups"] == s.prompts and info["model_version"] == model, info
     t = time.perf_counter()
-    labelled, skipped, truncated = label_round(cli, info["id"], s.max_new_tokens)
+    labelled, skipped, truncated = label_round(cli, info["id"], s.max_new_tokens, s.taste)
     times["label"] = time.perf_counter() - t
     counts = {"labelled": labelled, "skipped": skipped, "truncated": truncated}
     return int(info["id"]), counts, times
@@ -293,14 +350,16 @@ def run_method(
             round_id, counts, times = sample_and_label(cli, s, version, r)
 
         t = time.perf_counter()
-        tune = ["tune", "--method", method, *tune_args, "--seed", str(s.seed), "--quiet"]
+        # a method may carry a label after '#' (dpo#lr1e-3): several settings of one method
+        tune = ["tune", "--method", method.split("#")[0], *tune_args, "--seed", str(s.seed)]
+        tune.append("--quiet")
         version = last_line(cli(*tune, *(["--from", version] if version else [])))
         times["tune"] = time.perf_counter() - t
 
         t = time.perf_counter()
         ev = cli.json(
             "eval",
-            *("--model", version, "--against", "base", "--judge", JUDGE),
+            *("--model", version, "--against", "base", "--judge", TASTES[s.taste]),
             *eval_sampling(s),
             "--json",
         )

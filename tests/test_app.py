@@ -11,7 +11,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from app import launcher
-from app.cli import build_parser
+from app.cli import build_parser, tune_config
+from app.config_options import config_from_args
 from labeling import annotation
 from labeling.annotation import RankingState
 from store import db as storedb
@@ -226,27 +227,39 @@ def test_round_title():
 # app.launcher
 
 
-def test_launcher_args_parse_back_to_the_same_configs():
+def test_launcher_args_parse_back_to_the_same_configs(ws):
+    parse = build_parser().parse_args
     cfg = SamplingConfig(k=3, max_new_tokens=17, temperature=0.7, top_p=0.9, seed=5, limit=2)
-    ns = build_parser().parse_args(launcher.sample_args(cfg, "v2"))
-    assert (ns.command, ns.model, ns.k, ns.max_new_tokens, ns.limit) == ("sample", "v2", 3, 17, 2)
-    assert (ns.temperature, ns.top_p, ns.seed, ns.split) == (0.7, 0.9, 5, "train")
-    assert build_parser().parse_args(launcher.sample_args(SamplingConfig(), None)).limit is None
-    ns = build_parser().parse_args(launcher.sample_args(cfg, None, "thumbs", 3))
+    ns = parse(launcher.sample_args(cfg, "v2"))
+    assert (ns.command, ns.model) == ("sample", "v2")
+    assert config_from_args(SamplingConfig, ns) == cfg
+    default = parse(launcher.sample_args(SamplingConfig(), None))
+    assert config_from_args(SamplingConfig, default) == SamplingConfig()
+    ns = parse(launcher.sample_args(cfg, None, "thumbs", 3))
     assert (ns.mode, ns.overlap) == ("thumbs", 3)
 
+    # a tuning job gets its config as a JSON file that the real parser reads back
     dpo = DPOConfig(beta=0.2, epochs=2, lr=3e-5, groups_per_step=3, lora=LoraSettings(8, 16))
-    ns = build_parser().parse_args(launcher.tune_args(dpo, from_version="v1", dataset_id="d2"))
-    assert (ns.beta, ns.epochs, ns.lr, ns.groups_per_step) == (0.2, 2, 3e-5, 3)
-    assert (ns.lora_r, ns.lora_alpha, getattr(ns, "from"), ns.dataset) == (8, 16, "v1", "d2")
-    ns = build_parser().parse_args(launcher.tune_args(dpo, from_version="base"))
-    assert getattr(ns, "from") is None and ns.dataset is None
+    args = launcher.tune_config_args(ws, dpo, from_version="v1", dataset_id="d2")
+    assert args[:2] == ["tune", "--config"] and Path(args[2]).parent == launcher.log_dir(ws)
+    stored = json.loads(Path(args[2]).read_text())
+    assert (stored["method"], stored["from"], stored["dataset"]) == ("dpo", "v1", "d2")
+    settings = {k: v for k, v in stored.items() if k not in ("method", "from", "dataset")}
+    assert config_from_args(DPOConfig, parse(["tune"]), settings) == dpo
+    assert tune_config(parse(args)) == ("dpo", dpo, "v1", "d2")
+    again = launcher.tune_config_args(ws, dpo, from_version="base")
+    assert again[2] != args[2] and tune_config(parse(again)) == ("dpo", dpo, None, None)
     for soft in ("hard", "bt", "empirical"):
-        ns = build_parser().parse_args(launcher.tune_args(DPOConfig(soft_labels=soft)))
-        assert ns.soft_labels == soft
-    grpo = GRPOConfig(gain_source="bt", gains="dcg")
-    ns = build_parser().parse_args(launcher.tune_args(grpo, method="grpo"))
-    assert (ns.method, ns.gain_source, ns.gains) == ("grpo", "bt", "dcg")
+        cfg = DPOConfig(soft_labels=soft, listwise=True, loss_type="ipo")
+        assert tune_config(parse(launcher.tune_config_args(ws, cfg)))[1] == cfg
+    grpo = GRPOConfig(gain_source="bt", gains="dcg", epsilon_high=0.3, adapt_beta=False)
+    assert tune_config(parse(launcher.tune_config_args(ws, grpo, method="grpo"))) == (
+        "grpo",
+        grpo,
+        None,
+        None,
+    )
+    assert not list(launcher.log_dir(ws).glob("*.tmp"))  # written atomically
 
 
 def test_start_job_runs_the_cli_detached_and_logs_it(ws):
@@ -537,6 +550,8 @@ def test_dpo_form_trains_a_version_with_metrics(model_ws):
     assert [json.loads(c.proto.spec)["layer"][0]["encoding"]["y"]["field"] for c in charts] == [
         "loss",
         "rewards/accuracies",
+        "guard/kl_per_token",  # the per-epoch fluency guard
+        "guard/broken_share",
     ]
     for chart, name in zip(charts, ("loss", "rewards/accuracies"), strict=True):
         data = pa.ipc.open_stream(chart.proto.datasets[0].data.data).read_all().to_pandas()

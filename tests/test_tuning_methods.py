@@ -10,7 +10,7 @@ import torch
 
 from labeling.bradley_terry import bt_gains, bt_preferences
 from labeling.ranking import consensus, mean_gains, ordered_pairs
-from store import db, labels, rounds, runs
+from store import db, labels, models, rounds, runs
 from store.records import LabelRecord
 from store.rounds import CandidateRecord
 from tests.cli_helpers import ROOT, cli, cli_error
@@ -104,11 +104,20 @@ def test_grpo_from_a_version_uses_it_as_pi_old_and_adapts_beta(ws, capsys):
         2,
         "--loss-type",
         "bnpo",
+        "--guard-prompts",
+        0,  # every epoch runs: this test counts steps
         "--quiet",
     )
-    _, metrics = _metrics(ws, out)
-    assert metrics["beta"].iloc[0] == pytest.approx(0.04)
-    assert metrics["beta"].iloc[-1] != pytest.approx(0.04)  # the controller moved it
+    version, metrics = _metrics(ws, out)
+    with db.connect(ws) as con:
+        v1, v2 = models.get_version(con, "v1"), models.get_version(con, version)
+    # the round's β: the requested 0.04 moved by the Ziegler rule from v1's measured KL
+    kl, target = v1["gate"]["kl_per_token"], v2["config"]["kl_budget"] / 2
+    expected = 0.04 * (1 + max(-0.2, min(0.2, kl / target - 1)))
+    assert v2["config"]["training"]["beta_requested"] == pytest.approx(0.04)
+    assert v2["config"]["beta"] == pytest.approx(expected)
+    assert metrics["beta"].iloc[0] == pytest.approx(expected)
+    assert metrics["beta"].iloc[-1] != pytest.approx(expected)  # the in-run controller moved it
     assert len(metrics) == 2 * 2 * 3  # epochs x ppo-epochs x steps (9 groups, 4 per step)
 
 

@@ -1,36 +1,70 @@
-"""Configuration dataclasses, one per concern, with defaults that work on a CPU."""
+"""Configuration dataclasses, one per concern, with defaults that work on a CPU.
+
+Each field's default, help text and (where it has a fixed set) choices live here only: the CLI
+options are generated from these fields (app/config_options.py) and the web forms build them.
+Field metadata: "help" (what the setting does), "choices" (allowed values) and, rarely,
+"flag" (the command-line option name when it is not the field name).
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+import difflib
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from typing import Any
+
+from store.errors import PrefloopError
 
 SOFT_LABELS = ("empirical", "bt", "hard")
 GAIN_SOURCES = ("mean", "bt")
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
+GRPO_LOSSES = ("grpo", "bnpo", "dr_grpo")
+SCALE_REWARDS = ("group", "batch", "none")
+SPLITS = ("train", "heldout")
+
+
+def setting(
+    default: Any = MISSING,
+    *,
+    help: str,
+    choices: tuple = (),
+    flag: str | None = None,
+    default_factory: Any = MISSING,
+) -> Any:
+    """A dataclass field with its help text (and choices, option name) in the metadata."""
+    metadata: dict[str, Any] = {"help": help}
+    if choices:
+        metadata["choices"] = tuple(choices)
+    if flag:
+        metadata["flag"] = flag
+    return field(default=default, default_factory=default_factory, metadata=metadata)
 
 
 @dataclass
 class SamplingConfig:
     """How a round is sampled."""
 
-    k: int = 4
-    max_new_tokens: int = 128
-    temperature: float = 0.8
-    top_p: float = 0.95
-    seed: int = 0
-    prompts_per_batch: int = 8
-    split: str = "train"
-    limit: int | None = None
+    k: int = setting(4, help="candidates per prompt")
+    max_new_tokens: int = setting(128, help="most tokens generated per candidate")
+    temperature: float = setting(0.8, help="sampling temperature")
+    top_p: float = setting(0.95, help="nucleus sampling: keep the top-p probability mass")
+    seed: int = setting(0, help="random seed of the sampler")
+    prompts_per_batch: int = setting(8, help="prompts generated together in one batch")
+    split: str = setting("train", help="which prompts to sample", choices=SPLITS)
+    limit: int | None = setting(None, help="sample only the first N prompts of the split")
 
 
 @dataclass
 class LoraSettings:
     """The LoRA adapter's shape."""
 
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    r: int = setting(16, help="LoRA rank")
+    alpha: int = setting(32, help="LoRA scaling α (the update is scaled by α / r)")
+    dropout: float = setting(0.0, help="dropout on the LoRA input")
+    target_modules: list[str] = setting(
+        help="modules that get an adapter, comma-separated",
+        flag="target-modules",
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
     )
 
 
@@ -38,27 +72,39 @@ class LoraSettings:
 class TrainSettings:
     """Optimisation and data settings every tuning method shares."""
 
-    epochs: int = 3
-    lr: float = 5e-4
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_length: int = 512
-    groups_per_step: int = 4
-    seed: int = 0
-    lora: LoraSettings = field(default_factory=LoraSettings)
+    epochs: int = setting(3, help="passes over the dataset")
+    lr: float = setting(5e-4, help="peak learning rate (AdamW)")
+    warmup_ratio: float = setting(0.1, help="share of the steps with a linear learning-rate warmup")
+    weight_decay: float = setting(0.0, help="AdamW weight decay")
+    max_grad_norm: float = setting(1.0, help="clip the gradient norm to this value")
+    max_length: int = setting(512, help="most tokens of prompt + completion (longer: truncated)")
+    groups_per_step: int = setting(4, help="labelled groups per optimiser step")
+    seed: int = setting(0, help="random seed of initialisation and data order")
+    lora: LoraSettings = setting(help="the LoRA adapter's shape", default_factory=LoraSettings)
     # the per-epoch guard: after each epoch sample guard_prompts held-out prompts (k=2) from the
     # policy; stop at the last epoch whose KL per token to π_ref is within kl_budget and whose
     # broken share is at most 5%, and keep that epoch's adapter (guard_prompts=0: off)
-    kl_budget: float = 0.5
-    guard_prompts: int = 8
-    guard_max_new_tokens: int = 48
+    kl_budget: float = setting(
+        0.5, help="per-epoch guard: most KL per token to π_ref an epoch may reach and be kept"
+    )
+    guard_prompts: int = setting(
+        10, help="per-epoch guard: held-out prompts sampled after each epoch (0: no guard)"
+    )
+    guard_max_new_tokens: int = setting(
+        48, help="per-epoch guard: most tokens generated per guard sample"
+    )
     # the promotion gate at the end of the run: held-out prompts sampled (k=2) to judge it
-    gate_prompts: int = 16
+    gate_prompts: int = setting(
+        16, help="promotion gate: held-out prompts sampled at the end of the run to judge it"
+    )
     # tune --from: adapt beta from the parent's measured KL per token against this target
     # (the Ziegler rule, once per round); None: half the KL budget
-    kl_target: float | None = None
-    adapt_beta: bool = True
+    kl_target: float | None = setting(
+        None,
+        help="with --from: adapt β from the parent's KL per token towards this target "
+        "(none: half the KL budget)",
+    )
+    adapt_beta: bool = setting(True, help="with --from: adapt β once per round (Ziegler rule)")
 
     def to_dict(self) -> dict:
         """A plain dict of every setting, for storing with the model version."""
@@ -68,54 +114,188 @@ class TrainSettings:
     def from_dict(cls, stored: dict):
         """The config a stored dict describes; keys that are not settings are ignored."""
         names = {f.name for f in fields(cls)}
-        values = {k: v for k, v in stored.items() if k in names}
+        values = {k: v for k, v in cls.upgrade(dict(stored)).items() if k in names}
         if isinstance(values.get("lora"), dict):
-            values["lora"] = LoraSettings(**values["lora"])
+            lora_names = {f.name for f in fields(LoraSettings)}
+            values["lora"] = LoraSettings(
+                **{k: v for k, v in values["lora"].items() if k in lora_names}
+            )
         return cls(**values)
+
+    @classmethod
+    def upgrade(cls, values: dict) -> dict:
+        """Stored values rewritten into today's form (settings whose type changed since)."""
+        return values
 
 
 @dataclass
 class DPOConfig(TrainSettings):
     """A DPO run: loss, optimisation and data settings."""
 
-    beta: float = 0.1
-    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge | robust
-    label_smoothing: float = 0.0
-    sft_weight: float = 0.0
-    listwise: bool = False  # Plackett–Luce over the whole ranking
+    beta: float = setting(0.1, help="β of the implicit reward: how tightly π stays near π_ref")
+    loss_type: str = setting("sigmoid", help="the DPO-family loss", choices=DPO_LOSSES, flag="loss")
+    label_smoothing: float = setting(0.0, help="ε of conservative (sigmoid) or robust DPO")
+    sft_weight: float = setting(0.0, help="α: add α × the top-ranked candidate's NLL per token")
+    listwise: bool = setting(
+        False, help="Plackett–Luce over the whole ranking instead of all pairs"
+    )
     # pair targets: empirical (share of annotators preferring), bt (fitted Bradley–Terry
     # probabilities) or hard (1 for each pair the consensus orders)
-    soft_labels: str = "empirical"
-    early_stop: int = 0  # patience in epochs on held-out preference accuracy (0: off)
+    soft_labels: str = setting(
+        "empirical",
+        help="pair targets: empirical (share of annotators preferring), bt (fitted "
+        "Bradley–Terry probabilities) or hard (consensus pairs, target 1)",
+        choices=SOFT_LABELS,
+    )
+    early_stop: int = setting(
+        0,
+        help="stop after this many epochs without better held-out preference accuracy and keep "
+        "the best epoch (needs labelled held-out groups; 0: off)",
+    )
 
     def __post_init__(self) -> None:
-        if isinstance(self.soft_labels, bool):  # stored before the choice existed
-            self.soft_labels = "empirical" if self.soft_labels else "hard"
+        self.soft_labels = self.upgrade({"soft_labels": self.soft_labels})["soft_labels"]
         if self.soft_labels not in SOFT_LABELS:
             raise ValueError(
                 f"unknown soft_labels {self.soft_labels!r}; use one of {', '.join(SOFT_LABELS)}"
             )
+
+    @classmethod
+    def upgrade(cls, values: dict) -> dict:
+        """Stored values rewritten into today's form (soft_labels was a bool before)."""
+        if isinstance(values.get("soft_labels"), bool):  # stored before the choice existed
+            values = {**values, "soft_labels": "empirical" if values["soft_labels"] else "hard"}
+        return values
 
 
 @dataclass
 class GRPOConfig(TrainSettings):
     """A GRPO run on ranked groups: gains, advantages, clipping, KL and optimisation settings."""
 
-    gains: str = "linear"  # linear | dcg | explicit "1,0.6,0.3,0"
-    scale_rewards: str = "group"  # group | batch | none
-    epsilon: float = 0.2
-    epsilon_high: float | None = None
-    beta: float = 0.04
-    target_kl: float | None = None  # nats per token; adapts beta when set
-    loss_type: str = "grpo"  # grpo | bnpo | dr_grpo
-    ppo_epochs: int = 1
-    entropy_coef: float = 0.0
+    gains: str = setting(
+        "linear", help="rank → gain: linear, dcg, or explicit values such as 1,0.6,0.3,0"
+    )
+    scale_rewards: str = setting(
+        "group",
+        help="divide advantages by the std of the group, of the batch, or not at all",
+        choices=SCALE_REWARDS,
+    )
+    epsilon: float = setting(0.2, help="clipping range of the probability ratio")
+    epsilon_high: float | None = setting(
+        None, help="upper clipping range (none: the same as epsilon)"
+    )
+    beta: float = setting(0.04, help="β: weight of the KL penalty to π_ref")
+    target_kl: float | None = setting(
+        None, help="adapt β to hold this KL per token, in nats (e.g. 0.05–0.2; none: fixed β)"
+    )
+    loss_type: str = setting(
+        "grpo",
+        help="loss normalisation: per sequence (grpo), per batch token (bnpo) or constant "
+        "(dr_grpo)",
+        choices=GRPO_LOSSES,
+    )
+    ppo_epochs: int = setting(1, help="passes over each batch")
+    entropy_coef: float = setting(0.0, help="entropy bonus weight")
     # per-candidate gains: mean (the annotators' schedule gains, averaged) or bt (mean fitted
     # Bradley–Terry probability of beating the group's other candidates; ignores `gains`)
-    gain_source: str = "mean"
+    gain_source: str = setting(
+        "mean",
+        help="per-candidate gains: mean of the annotators' gains schedule, or bt (mean "
+        "Bradley–Terry probability of beating the group's other candidates)",
+        choices=GAIN_SOURCES,
+    )
 
     def __post_init__(self) -> None:
         if self.gain_source not in GAIN_SOURCES:
             raise ValueError(
                 f"unknown gain_source {self.gain_source!r}; use one of {', '.join(GAIN_SOURCES)}"
             )
+
+
+METHOD_CONFIGS: dict[str, type[TrainSettings]] = {"dpo": DPOConfig, "grpo": GRPOConfig}
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """The resolved type annotation of each field of a config dataclass."""
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    optional = type(None) in typing.get_args(tp)
+    base = next((a for a in typing.get_args(tp) if a is not type(None)), tp) if optional else tp
+    if typing.get_origin(base) is list:
+        name = "a list of strings"
+    elif is_dataclass(base):
+        name = "an object of settings"
+    else:
+        name = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[base]
+    return f"{name} or null" if optional else name
+
+
+def check_value(key: str, value: Any, tp: Any) -> Any:
+    """The value converted to the field type tp (an int for a float field becomes a float)."""
+    declared, args = tp, typing.get_args(tp)
+    if type(None) in args:
+        if value is None:
+            return None
+        tp = next(a for a in args if a is not type(None))
+    ok = False
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is str:
+        ok = isinstance(value, str)
+    elif typing.get_origin(tp) is list:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        value = list(value) if ok else value
+    if not ok:
+        raise PrefloopError(f"setting {key!r} must be {_type_name(declared)}; got {value!r}")
+    return value
+
+
+def settings_from_values(cls: type, values: dict, prefix: str = "") -> Any:
+    """The config dataclass `cls` built from values, checking every key and type."""
+    if not isinstance(values, dict):
+        raise PrefloopError(f"setting {prefix.rstrip('.')!r} must be an object of settings")
+    if hasattr(cls, "upgrade"):
+        values = cls.upgrade(dict(values))
+    types = field_types(cls)
+    by_name = {f.name: f for f in fields(cls)}
+    built: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in by_name:
+            near = difflib.get_close_matches(key, list(by_name), n=1)
+            hint = f" (did you mean {prefix + near[0]!r}?)" if near else ""
+            raise PrefloopError(f"unknown setting {prefix + key!r}{hint}")
+        tp = types[key]
+        if is_dataclass(tp):
+            built[key] = settings_from_values(tp, value, f"{prefix}{key}.")
+            continue
+        value = check_value(prefix + key, value, tp)
+        choices = by_name[key].metadata.get("choices")
+        if choices and value not in choices:
+            raise PrefloopError(
+                f"setting {prefix + key!r} must be one of {', '.join(choices)}; got {value!r}"
+            )
+        built[key] = value
+    try:
+        return cls(**built)
+    except (TypeError, ValueError) as exc:
+        raise PrefloopError(f"bad settings: {exc}") from exc
+
+
+def method_config(method: str, values: dict) -> DPOConfig | GRPOConfig:
+    """The tuning method's config dataclass built from values (unknown or ill-typed keys raise)."""
+    cls = METHOD_CONFIGS.get(method)
+    if cls is None:
+        raise PrefloopError(
+            f"unknown tuning method {method!r}; available: {', '.join(METHOD_CONFIGS)}"
+        )
+    try:
+        return settings_from_values(cls, values)
+    except PrefloopError as exc:
+        raise PrefloopError(f"{method}: {exc}") from None

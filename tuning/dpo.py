@@ -4,25 +4,27 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import random
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from tqdm import tqdm
 
 from labeling.bradley_terry import bt_preferences
 from labeling.ranking import ordered_pairs, pair_preferences
 from store.errors import PrefloopError
 from tuning.batching import GroupTokens, collate, sequence_logps
-from tuning.config import DPOConfig, GRPOConfig, TrainSettings
+from tuning.config import DPOConfig
 from tuning.losses import dpo_loss, plackett_luce_loss, preference_loss
-from tuning.modeling import candidate_ids, limit_threads, load_tokenizer, load_version, prompt_ids
-
-StepCallback = Callable[[int, dict[str, float]], None]
+from tuning.modeling import candidate_ids, load_tokenizer, load_version, prompt_ids
+from tuning.train_loop import (
+    Method,
+    StepCallback,
+    TrainResult,
+    make_guard,
+    policy_model,
+    setup,
+    train,
+)
 
 
 @dataclass
@@ -148,29 +150,6 @@ def _pair_index(chunk: list[TrainGroup], offsets: list[int]) -> tuple[torch.Tens
     return torch.tensor(chosen), torch.tensor(rejected)
 
 
-def new_adapter(base: str, cfg: DPOConfig | GRPOConfig):
-    """The base model with a fresh LoRA adapter of cfg.lora's shape."""
-    from peft import LoraConfig, get_peft_model
-
-    lora = LoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules=list(cfg.lora.target_modules),
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(load_version(base, None), lora)
-
-
-def make_optimizer(model, cfg: TrainSettings, total_steps: int):
-    """AdamW over the trainable (LoRA) parameters with linear warm-up, then a constant rate."""
-    warmup = max(1, int(cfg.warmup_ratio * total_steps))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    return params, optimizer, scheduler
-
-
 def train_dpo(
     base: str,
     rows: list[dict],
@@ -182,106 +161,64 @@ def train_dpo(
     on_step: StepCallback | None = None,
     show_progress: bool = True,
     heldout_rows: list[dict] | None = None,
-) -> dict[str, float]:
-    """Train a LoRA adapter with DPO on ranked groups; save it to out_dir; return final metrics.
+    guard_prompts: list[list[int]] | None = None,
+) -> TrainResult:
+    """Train a LoRA adapter with DPO on ranked groups and save it to out_dir.
 
     With cfg.early_stop and held-out rows, held-out preference accuracy is measured after each
     epoch; training stops after early_stop epochs without improvement and keeps the best epoch.
+    With guard prompts, the fluency guard runs after each epoch (see tuning.train_loop).
     """
-    limit_threads()
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = setup(cfg)
     tokenizer = load_tokenizer(base)
     groups = build_groups(rows, tokenizer, cfg.max_length, cfg.soft_labels)
     if not groups:
         raise PrefloopError(
             "the dataset has no ordered pairs (every group is tied or flagged); rank more groups"
         )
-    if init_adapter is not None:
-        model = load_version(base, init_adapter, trainable=True)
-    else:
-        model = new_adapter(base, cfg)
+    model = policy_model(base, cfg, init_adapter, load_version)
     model.to(accelerator.device)
-    reference_logps(model, groups, tokenizer.pad_token_id, cfg, ref_cache, base)
+    pad = tokenizer.pad_token_id
+    reference_logps(model, groups, pad, cfg, ref_cache, base)
     heldout = build_groups(heldout_rows or [], tokenizer, cfg.max_length, cfg.soft_labels)
-    if cfg.early_stop and heldout:
-        reference_logps(model, heldout, tokenizer.pad_token_id, cfg, None, base)
-    best_acc, best_state, since_best = -1.0, None, 0
+    scoring = bool(cfg.early_stop and heldout)
+    if scoring:
+        reference_logps(model, heldout, pad, cfg, None, base)
+    guard = make_guard(model, tokenizer, guard_prompts, cfg)
 
-    steps_per_epoch = math.ceil(len(groups) / cfg.groups_per_step)
-    total_steps = steps_per_epoch * cfg.epochs
-    params, optimizer, scheduler = make_optimizer(model, cfg, total_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    rank, world = accelerator.process_index, accelerator.num_processes
+    def loss(model, chunk: list[TrainGroup]):
+        batch = collate([g.tokens for g in chunk], pad, cfg.max_length).to(accelerator.device)
+        logps = sequence_logps(model, batch)
+        ref = torch.cat([g.ref_logps for g in chunk]).to(logps.device)
+        lengths = torch.tensor(
+            [len(c) for g in chunk for c in g.tokens.completions], device=logps.device
+        )
+        return group_loss(logps, ref, chunk, batch.group_offsets, cfg, lengths)
 
-    step = 0
-    bar = tqdm(
-        total=total_steps,
-        desc="dpo",
-        unit="step",
-        disable=not (show_progress and accelerator.is_main_process),
+    method = Method(
+        name="dpo",
+        groups=groups,
+        loss=loss,
+        postfix=("loss", "rewards/accuracies"),
+        epoch_score=(
+            (lambda m: evaluate_groups(m, heldout, pad, cfg)["rewards/accuracies"])
+            if scoring
+            else None
+        ),
+        score_name="eval/rewards/accuracies",
+        patience=cfg.early_stop,
+        final_metrics=lambda m: evaluate_groups(m, groups, pad, cfg),
     )
-    order_rng = random.Random(cfg.seed)
-    for epoch in range(cfg.epochs):
-        order = list(range(len(groups)))
-        order_rng.shuffle(order)
-        model.train()
-        for s in range(steps_per_epoch):
-            ids = order[s * cfg.groups_per_step : (s + 1) * cfg.groups_per_step]
-            chunk = [groups[i] for i in ids[rank::world]] or [groups[ids[0]]]
-            batch = collate([g.tokens for g in chunk], tokenizer.pad_token_id, cfg.max_length)
-            batch = batch.to(accelerator.device)
-            logps = sequence_logps(model, batch)
-            ref = torch.cat([g.ref_logps for g in chunk]).to(logps.device)
-            lengths = torch.tensor(
-                [len(c) for g in chunk for c in g.tokens.completions], device=logps.device
-            )
-            loss, metrics = group_loss(logps, ref, chunk, batch.group_offsets, cfg, lengths)
-            accelerator.backward(loss)
-            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            logged = {"loss": loss.detach(), **metrics, "grad_norm": torch.as_tensor(grad_norm)}
-            logged = {
-                k: float(accelerator.reduce(v.to(accelerator.device).float(), "mean"))
-                for k, v in logged.items()
-            }
-            logged["learning_rate"] = scheduler.get_last_lr()[0]
-            logged["epoch"] = epoch + (s + 1) / steps_per_epoch
-            bar.update(1)
-            bar.set_postfix(loss=f"{logged['loss']:.4f}", acc=f"{logged['rewards/accuracies']:.2f}")
-            if on_step is not None and accelerator.is_main_process:
-                on_step(step, logged)
-        if cfg.early_stop and heldout:
-            unwrapped = accelerator.unwrap_model(model)
-            acc = evaluate_groups(unwrapped, heldout, tokenizer.pad_token_id, cfg)[
-                "rewards/accuracies"
-            ]
-            if on_step is not None and accelerator.is_main_process:
-                on_step(step, {"eval/rewards/accuracies": acc, "epoch": epoch + 1})
-            if acc > best_acc:
-                best_acc, since_best = acc, 0
-                best_state = {
-                    k: v.detach().clone() for k, v in unwrapped.state_dict().items() if "lora_" in k
-                }
-            else:
-                since_best += 1
-                if since_best >= cfg.early_stop:
-                    break
-    bar.close()
-    if best_state is not None:
-        accelerator.unwrap_model(model).load_state_dict(best_state, strict=False)
-
-    final = evaluate_groups(accelerator.unwrap_model(model), groups, tokenizer.pad_token_id, cfg)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(str(out_dir))
-    if best_state is not None:
-        final["eval/rewards/accuracies"] = best_acc
-    return final
+    return train(
+        model,
+        method,
+        cfg,
+        out_dir,
+        accelerator=accelerator,
+        guard=guard,
+        on_step=on_step,
+        show_progress=show_progress,
+    )
 
 
 @torch.no_grad()

@@ -85,3 +85,8 @@ def distinct_n(texts: list[str], n: int = 2) -> float:
         total += len(grams)
         seen.update(grams)
     return len(seen) / total if total else 0.0
+
+
+def guarded_summary(outcomes: list[float]) -> dict:
+    """win_rate of guarded outcomes as a dict with every key prefixed by 'guarded_'."""
+    return {f"guarded_{k}": v for k, v in win_rate(outcomes).to_dict().items()}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -14,16 +14,28 @@ from store import db as storedb
 from store import evals, labels, models, rounds
 from store.errors import PrefloopError
 from store.rounds import CandidateRecord
-from tuning.config import SamplingConfig
+from tuning.config import SamplingConfig, TrainSettings
 from tuning.eval_stats import (
     distinct_n,
     expected_calibration_error,
+    guarded_summary,
     reliability_curve,
     win_rate,
+)
+from tuning.fluency import (
+    MAX_BROKEN_SHARE,
+    broken_flags,
+    fluency,
+    guarded_outcomes,
+    won_by_breaking,
 )
 
 HUMAN = "human"
 LLM = "llm"
+BASE = "base"
+
+# (prompt id, candidate index in its group) -> whether that answer is broken
+Flags = dict[tuple[int, int], bool]
 
 
 @dataclass
@@ -88,9 +100,16 @@ def load_judge(ws: storedb.Workspace, cfg: EvalConfig):
 
 
 def judged_win_rate(
-    ws: storedb.Workspace, version: str, against_round: int, version_round: int, judge
+    ws: storedb.Workspace,
+    version: str,
+    against_round: int,
+    version_round: int,
+    judge,
+    broken: Flags | None = None,
+    broken_against: Flags | None = None,
 ) -> tuple[dict, list[dict]]:
-    """Win-rate of version_round's candidates against against_round's, candidate i vs i."""
+    """Win-rate of version_round's candidates against against_round's, candidate i vs i; with
+    the broken flags of both rounds also the guarded win-rate (broken answers never win)."""
     with storedb.connect(ws) as con:
         mine, theirs = _by_prompt(con, version_round), _by_prompt(con, against_round)
     items, details = [], []
@@ -109,23 +128,42 @@ def judged_win_rate(
         d["outcome"] = o
     result = win_rate(outcomes).to_dict()
     result["n"] = len(outcomes)
+    if broken is not None and broken_against is not None:
+        for d in details:
+            key = (d["prompt_id"], d["index"])
+            d["broken"], d["broken_against"] = broken[key], broken_against[key]
+        guarded = guarded_outcomes(
+            outcomes, [d["broken"] for d in details], [d["broken_against"] for d in details]
+        )
+        for d, g in zip(details, guarded, strict=True):
+            d["guarded_outcome"] = g
+        result.update(guarded_summary(guarded))
     return result, details
 
 
-@torch.no_grad()
-def _policy_and_ref_logps(
-    ws: storedb.Workspace, version: str, groups: list[rounds.GroupRecord]
-) -> tuple[list[list[float]], list[list[float]], list[list[int]]]:
-    """Summed log-probs of each candidate under the version and under the base model."""
-    from tuning.batching import GroupTokens, collate, sequence_logps
-    from tuning.modeling import candidate_ids, load_tokenizer, load_version, prompt_ids
+def _load_policy(ws: storedb.Workspace, version: str):
+    """The base model with the version's adapter (none for base), its tokenizer, and whether it
+    has an adapter to disable for π_ref."""
+    from tuning.modeling import load_tokenizer, load_version
 
     with storedb.connect(ws) as con:
         base = models.base_model(con)
         info = models.get_version(con, version)
     tok = load_tokenizer(base)
     model = load_version(base, ws.path(info["adapter_path"]) if info else None)
-    policy, ref, lengths = [], [], []
+    return model, tok, info is not None
+
+
+@torch.no_grad()
+def _logps(
+    model, tok, adapted: bool, groups: list[rounds.GroupRecord], policy: bool = True
+) -> tuple[list[list[float]], list[list[float]], list[list[int]]]:
+    """Summed log-probs of each candidate under the policy (empty lists when policy=False) and
+    under π_ref (the adapter disabled), and each candidate's token count (end token included)."""
+    from tuning.batching import GroupTokens, collate, sequence_logps
+    from tuning.modeling import candidate_ids, prompt_ids
+
+    pol, ref, lengths = [], [], []
     for start in range(0, len(groups), 4):
         chunk = groups[start : start + 4]
         tokens = [
@@ -136,32 +174,111 @@ def _policy_and_ref_logps(
             for g in chunk
         ]
         batch = collate(tokens, tok.pad_token_id, 1024).to(model.device)
-        p = sequence_logps(model, batch).cpu()
-        if info is not None:
+        p = sequence_logps(model, batch).cpu() if policy or not adapted else None
+        if adapted:
             with model.disable_adapter():
                 r = sequence_logps(model, batch).cpu()
         else:
             r = p
         for g, t, off in zip(chunk, tokens, batch.group_offsets, strict=True):
             n = len(g.texts)
-            policy.append(p[off : off + n].tolist())
+            pol.append(p[off : off + n].tolist() if policy else [])
             ref.append(r[off : off + n].tolist())
             lengths.append([len(c) for c in t.completions])
-    return policy, ref, lengths
+    return pol, ref, lengths
 
 
-def drift(ws: storedb.Workspace, version: str, version_round: int, against_round: int) -> dict:
-    """KL(π‖π_ref) per token, length and its change, distinct-2, share hitting the length limit."""
+def _policy_and_ref_logps(
+    ws: storedb.Workspace, version: str, groups: list[rounds.GroupRecord]
+) -> tuple[list[list[float]], list[list[float]], list[list[int]]]:
+    """Summed log-probs of each candidate under the version and under the base model."""
+    model, tok, adapted = _load_policy(ws, version)
+    return _logps(model, tok, adapted, groups)
+
+
+def nll_per_token(ref: list[list[float]], lengths: list[list[int]]) -> list[float]:
+    """NLL per token under π_ref of each candidate, flat in group order: −log-prob / tokens."""
+    return [
+        -lp / max(n, 1)
+        for gr, gl in zip(ref, lengths, strict=True)
+        for lp, n in zip(gr, gl, strict=True)
+    ]
+
+
+def _answers(groups: list[rounds.GroupRecord]) -> tuple[list[tuple[int, int]], list[str]]:
+    """(prompt id, index) keys and texts of every candidate, flat in group order."""
+    keys = [(g.prompt_id, i) for g in groups for i in range(len(g.texts))]
+    return keys, [t for g in groups for t in g.texts]
+
+
+def kl_budget_of(info: dict | None) -> float:
+    """The KL budget a version was trained with (its stored config), else the default."""
+    stored = (info or {}).get("config") or {}
+    budget = stored.get("kl_budget") if isinstance(stored, dict) else None
+    return float(budget) if budget is not None else TrainSettings().kl_budget
+
+
+@dataclass
+class DriftResult:
+    """Drift and fluency metrics, the broken flags of both rounds, and per-answer details."""
+
+    metrics: dict
+    broken: Flags = field(default_factory=dict)
+    broken_against: Flags = field(default_factory=dict)
+    details: list[dict] = field(default_factory=list)
+
+
+def measure_drift(
+    ws: storedb.Workspace,
+    version: str,
+    version_round: int,
+    against_round: int,
+    reference_round: int | None = None,
+) -> DriftResult:
+    """KL(π‖π_ref) per token, length, distinct-2, length-limit share, and fluency under π_ref.
+
+    Fluency: each answer's NLL per token under π_ref (the base, adapter disabled) for both rounds.
+    An answer is broken when degenerate or more than BROKEN_MARGIN nats per token above the median
+    of π_ref's own answers: those of reference_round, a base round sampled with the same settings
+    (None: the against round, which is π_ref's own when against is base).
+    """
     with storedb.connect(ws) as con:
         mine = rounds.candidates(con, version_round)
         theirs = rounds.candidates(con, against_round)
-        groups = rounds.groups(con, round_id=version_round)
-    policy, ref, lengths = _policy_and_ref_logps(ws, version, groups)
+        info = models.get_version(con, version)
+        by_round = {r: rounds.groups(con, round_id=r) for r in {version_round, against_round}}
+        if reference_round is not None and reference_round not in by_round:
+            by_round[reference_round] = rounds.groups(con, round_id=reference_round)
+    model, tok, adapted = _load_policy(ws, version)
+    policy, ref, lengths = _logps(model, tok, adapted, by_round[version_round])
+    nll = {version_round: nll_per_token(ref, lengths)}
+    for r, groups in by_round.items():
+        if r not in nll:
+            _, r_ref, r_len = _logps(model, tok, adapted, groups, policy=False)
+            nll[r] = nll_per_token(r_ref, r_len)
+    del model
     tokens = sum(sum(x) for x in lengths)
     kl = sum(p - r for gp, gr in zip(policy, ref, strict=True) for p, r in zip(gp, gr, strict=True))
-    mean_len, ref_len = float(mine["n_tokens"].mean()), float(theirs["n_tokens"].mean())
-    return {
-        "kl_per_token": kl / max(tokens, 1),
+    kl_per_token = kl / max(tokens, 1)
+    keys, texts = _answers(by_round[version_round])
+    keys_t, texts_t = _answers(by_round[against_round])
+    summary, b_mine, b_theirs = fluency(
+        nll[version_round], texts, nll[against_round], texts_t, kl_per_token=kl_per_token
+    )
+    if reference_round is not None and reference_round != against_round:
+        b_mine = broken_flags(nll[version_round], texts, nll[reference_round])
+        b_theirs = broken_flags(nll[against_round], texts_t, nll[reference_round])
+        summary = replace(
+            summary,
+            broken_share=sum(b_mine) / len(b_mine) if b_mine else 0.0,
+            broken_share_against=sum(b_theirs) / len(b_theirs) if b_theirs else 0.0,
+        )
+    budget = kl_budget_of(info)
+    # n_tokens is missing (NA) for imported candidates: those count as unknown, not as an error
+    mean_len = float(mine["n_tokens"].astype("float64").mean())
+    ref_len = float(theirs["n_tokens"].astype("float64").mean())
+    metrics = {
+        "kl_per_token": kl_per_token,
         "mean_length": mean_len,
         "mean_length_against": ref_len,
         "length_change": mean_len - ref_len,
@@ -169,7 +286,55 @@ def drift(ws: storedb.Workspace, version: str, version_round: int, against_round
         "distinct2_against": distinct_n(list(theirs["text"]), 2),
         "length_limit_share": float((mine["finish_reason"] == "length").mean()),
         "length_limit_share_against": float((theirs["finish_reason"] == "length").mean()),
+        **{k: v for k, v in summary.to_dict().items() if k != "kl_per_token"},
+        "fluency_reference_round": against_round if reference_round is None else reference_round,
+        "kl_budget": budget,
+        "won_by_breaking": won_by_breaking(summary.broken_share, kl_per_token, budget),
     }
+    details = [
+        {"round": r, "prompt_id": k[0], "index": k[1], "nll_per_token": x, "broken": b}
+        for r, ks, xs, bs in (
+            (version_round, keys, nll[version_round], b_mine),
+            (against_round, keys_t, nll[against_round], b_theirs),
+        )
+        for k, x, b in zip(ks, xs, bs, strict=True)
+    ]
+    return DriftResult(
+        metrics,
+        dict(zip(keys, b_mine, strict=True)),
+        dict(zip(keys_t, b_theirs, strict=True)),
+        details,
+    )
+
+
+def drift(
+    ws: storedb.Workspace,
+    version: str,
+    version_round: int,
+    against_round: int,
+    reference_round: int | None = None,
+) -> dict:
+    """The drift and fluency metrics of measure_drift."""
+    return measure_drift(ws, version, version_round, against_round, reference_round).metrics
+
+
+def breaking_reason(metrics: dict) -> str | None:
+    """Why a drift measurement says the version won by breaking the model; None when it did not."""
+    share, kl = metrics.get("broken_share"), metrics.get("kl_per_token")
+    if share is None:
+        return None
+    budget = metrics.get("kl_budget", TrainSettings().kl_budget)
+    flagged = metrics.get("won_by_breaking")
+    if flagged is None:
+        flagged = won_by_breaking(share, kl, budget)
+    if not flagged:
+        return None
+    reasons = []
+    if share > MAX_BROKEN_SHARE:
+        reasons.append(f"broken share {share:.0%} (> {MAX_BROKEN_SHARE:.0%})")
+    if kl is not None and kl > budget:
+        reasons.append(f"KL per token {kl:.3f} > budget {budget:g}")
+    return " / ".join(reasons) or "flagged by the drift measurement"
 
 
 def preference_accuracy(
@@ -196,7 +361,7 @@ def preference_accuracy(
         for (a, b), p in pair_preferences(rankings).items():
             margin = beta * ((gp[a] - gr[a]) - (gp[b] - gr[b]))
             q = 1 / (1 + math.exp(-margin))
-            correct.append(1.0 if margin > 0 else 0.0)
+            correct.append(1.0 if margin > 0 else 0.5 if margin == 0 else 0.0)  # ties: half
             predicted += [q, 1 - q]  # both orientations, so the curve spans [0, 1]
             observed += [p, 1 - p]
     if not correct:
@@ -246,8 +411,23 @@ def create_human_ab_round(
     return round_id
 
 
+def _stored_broken(con, version: str, round_ids: list[int]) -> dict[tuple, bool] | None:
+    """Broken flags by (round, prompt id, index) from the latest drift eval of these rounds."""
+    stored = evals.list_evals(con, "drift")
+    match = stored[
+        (stored["version"] == version) & stored["round_ids"].map(lambda r: r == list(round_ids))
+    ]
+    if match.empty:
+        return None
+    details = evals.eval_details(con, int(match.iloc[-1]["id"]))
+    if not isinstance(details, list) or not details:
+        return None
+    return {(d["round"], d["prompt_id"], d["index"]): bool(d["broken"]) for d in details}
+
+
 def human_ab_results(ws: storedb.Workspace, round_id: int) -> dict:
-    """Win-rate of an A/B evaluation round from its labels (ties and all-bad count half)."""
+    """Win-rate of an A/B evaluation round from its labels (ties and all-bad count half); with
+    the stored drift measurements of the two sampled rounds also the guarded win-rate."""
     with storedb.connect(ws) as con:
         info = rounds.get_round(con, round_id)
         spec = info["settings"].get("eval")
@@ -255,8 +435,10 @@ def human_ab_results(ws: storedb.Workspace, round_id: int) -> dict:
             raise PrefloopError(f"round {round_id} is not an A/B evaluation round")
         cands = rounds.candidates(con, round_id)
         labs = labels.labels(con, [round_id])
+        prompt_of = {g.group_id: g.prompt_id for g in rounds.groups(con, round_id=round_id)}
+        flags = _stored_broken(con, spec["version"], spec.get("rounds") or [])
     origin = dict(zip(cands["id"], cands["origin"], strict=True))
-    outcomes = []
+    outcomes, broken, broken_against = [], [], []
     for row in labs.itertuples():
         if "skipped" in row.flags or row.ranking is None:
             continue
@@ -267,7 +449,15 @@ def human_ab_results(ws: storedb.Workspace, round_id: int) -> dict:
             outcomes.append(0.5)
         else:
             outcomes.append(1.0 if mine < theirs else 0.0)
+        if flags is not None:  # the A/B pair is candidate 0 of each sampled round
+            pid = prompt_of[int(row.group_id)]
+            version_round, against_round = spec["rounds"]
+            broken.append(flags.get((version_round, pid, 0)))
+            broken_against.append(flags.get((against_round, pid, 0)))
     result = win_rate(outcomes).to_dict() if outcomes else {"wins": 0, "losses": 0, "ties": 0}
+    if outcomes and None not in broken and None not in broken_against and flags is not None:
+        result.update(guarded_summary(guarded_outcomes(outcomes, broken, broken_against)))
+        result["broken"], result["broken_against"] = sum(broken), sum(broken_against)
     return {
         **result,
         "n": len(outcomes),
@@ -278,7 +468,12 @@ def human_ab_results(ws: storedb.Workspace, round_id: int) -> dict:
 
 
 def evaluate(ws: storedb.Workspace, version: str, cfg: EvalConfig) -> dict:
-    """Run every evaluation of a version against cfg.against; store and return the results."""
+    """Run every evaluation of a version against cfg.against; store and return the results.
+
+    Fluency's reference (π_ref's own answers, whose median NLL per token sets the broken limit)
+    is the against round when against is base; otherwise a base round sampled with the same
+    settings (the version's own round when the version is base).
+    """
     with storedb.connect(ws) as con:
         info = models.get_version(con, version)
         models.get_version(con, cfg.against)
@@ -288,13 +483,37 @@ def evaluate(ws: storedb.Workspace, version: str, cfg: EvalConfig) -> dict:
     mine = _round_for(ws, version, sampling)
     theirs = _round_for(ws, cfg.against, sampling)
     out: dict = {"version": version, "against": cfg.against, "rounds": [mine, theirs]}
+    reference = None
+    if cfg.against != BASE:
+        reference = mine if version == BASE else _round_for(ws, BASE, sampling)
+        out["reference_round"] = reference
     beta = cfg.beta or (info["config"].get("beta") if info else None) or 0.1
+    measured = measure_drift(ws, version, mine, theirs, reference)
+    out["drift"] = measured.metrics
+    with storedb.connect(ws) as con:
+        evals.add_eval(
+            con,
+            "drift",
+            version,
+            measured.metrics,
+            against=cfg.against,
+            round_ids=[mine, theirs],
+            details=measured.details,
+        )
     if cfg.judge == HUMAN:
         out["human_ab_round"] = create_human_ab_round(
             ws, version, cfg.against, mine, theirs, cfg.seed
         )
     else:
-        result, details = judged_win_rate(ws, version, theirs, mine, load_judge(ws, cfg))
+        result, details = judged_win_rate(
+            ws,
+            version,
+            theirs,
+            mine,
+            load_judge(ws, cfg),
+            measured.broken,
+            measured.broken_against,
+        )
         out["winrate"] = result
         with storedb.connect(ws) as con:
             evals.add_eval(
@@ -307,14 +526,10 @@ def evaluate(ws: storedb.Workspace, version: str, cfg: EvalConfig) -> dict:
                 round_ids=[mine, theirs],
                 details=details,
             )
-    out["drift"] = drift(ws, version, mine, theirs)
     pref = preference_accuracy(ws, version, beta, cfg.split) if info else None
-    with storedb.connect(ws) as con:
-        evals.add_eval(
-            con, "drift", version, out["drift"], against=cfg.against, round_ids=[mine, theirs]
-        )
-        if pref is not None:
-            out["preference"] = pref[0]
+    if pref is not None:
+        out["preference"] = pref[0]
+        with storedb.connect(ws) as con:
             evals.add_eval(
                 con,
                 "preference",

@@ -5,25 +5,28 @@ optimised with a k3 KL penalty to π_ref (the base model, adapter disabled)."""
 from __future__ import annotations
 
 import math
-import random
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from tqdm import tqdm
 
 from labeling.bradley_terry import bt_gains
 from labeling.ranking import mean_gains
 from store.errors import PrefloopError
 from tuning.batching import GroupTokens, collate, per_candidate, token_logps
 from tuning.config import GRPOConfig
-from tuning.dpo import make_optimizer, new_adapter
 from tuning.losses import grpo_advantages, grpo_loss
-from tuning.modeling import candidate_ids, limit_threads, load_tokenizer, load_version, prompt_ids
+from tuning.modeling import candidate_ids, load_tokenizer, prompt_ids
+from tuning.train_loop import (
+    Method,
+    StepCallback,
+    TrainResult,
+    make_guard,
+    policy_model,
+    setup,
+    train,
+)
 
-StepCallback = Callable[[int, dict[str, float]], None]
 OLD = "pi_old"
 
 
@@ -123,89 +126,81 @@ def train_grpo(
     init_adapter: Path | None = None,
     on_step: StepCallback | None = None,
     show_progress: bool = True,
-) -> dict[str, float]:
-    """Train a LoRA adapter with GRPO on ranked groups; save it to out_dir; return final metrics."""
-    limit_threads()
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    guard_prompts: list[list[int]] | None = None,
+) -> TrainResult:
+    """Train a LoRA adapter with GRPO on ranked groups and save it to out_dir."""
+    accelerator = setup(cfg)
     tokenizer = load_tokenizer(base)
     groups = build_grpo_groups(rows, tokenizer, cfg)
     if not groups:
         raise PrefloopError("the dataset has no ranked groups to train on")
-    model = (
-        load_version(base, init_adapter, trainable=True) if init_adapter else new_adapter(base, cfg)
-    )
+    model = policy_model(base, cfg, init_adapter)
     model.to(accelerator.device)
     pad = tokenizer.pad_token_id
     fixed_logprobs(model, groups, pad, cfg, adapters)
-
-    steps_per_epoch = math.ceil(len(groups) / cfg.groups_per_step)
-    total = steps_per_epoch * cfg.epochs * cfg.ppo_epochs
-    params, optimizer, scheduler = make_optimizer(model, cfg, total)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    rank, world = accelerator.process_index, accelerator.num_processes
+    guard = make_guard(model, tokenizer, guard_prompts, cfg)
     max_len = max(len(c) for g in groups for c in g.tokens.completions)
-    beta = cfg.beta
+    dev = accelerator.device
+    state = {"beta": cfg.beta}
 
-    step, last = 0, {}
-    bar = tqdm(
-        total=total,
-        desc="grpo",
-        unit="step",
-        disable=not (show_progress and accelerator.is_main_process),
+    def loss(model, chunk: list[GRPOGroup]):
+        batch = collate([g.tokens for g in chunk], pad, cfg.max_length).to(dev)
+        adv, _ = grpo_advantages([g.gains for g in chunk], cfg.scale_rewards)
+        old, mask = _padded([t for g in chunk for t in g.old])
+        ref, _ = _padded([t for g in chunk for t in g.ref])
+        flat, entropy = token_logps(model, batch, with_entropy=True)
+        logps, _ = _padded(per_candidate(flat, batch))
+        ent, _ = _padded(per_candidate(entropy, batch))
+        return grpo_loss(
+            logps, old.to(dev), ref.to(dev), mask.to(dev), adv.to(dev),
+            epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, beta=state["beta"],
+            loss_type=cfg.loss_type, max_completion_length=max_len,
+            entropy=ent, entropy_coef=cfg.entropy_coef,
+        )  # fmt: skip
+
+    def batch_metrics(chunk: list[GRPOGroup]) -> dict[str, float]:
+        adv, zero = grpo_advantages([g.gains for g in chunk], cfg.scale_rewards)
+        return {
+            "advantages/mean": float(adv.mean()),
+            "advantages/std": float(adv.std()) if adv.numel() > 1 else 0.0,
+            "frac_zero_std_groups": float(zero.float().mean()),
+        }
+
+    def after_step(logged: dict[str, float]) -> dict[str, float]:
+        used = state["beta"]
+        if cfg.target_kl:
+            # adaptive KL controller: move beta so the KL per token tracks the target
+            error = max(-0.2, min(0.2, logged["kl"] / cfg.target_kl - 1))
+            state["beta"] = max(1e-6, used * (1 + 0.5 * error))
+        return {"beta": used}
+
+    method = Method(
+        name="grpo",
+        groups=groups,
+        loss=loss,
+        passes_per_batch=cfg.ppo_epochs,
+        batch_metrics=batch_metrics,
+        after_step=after_step,
+        postfix=("loss", "kl"),
     )
-    order_rng = random.Random(cfg.seed)
-    for epoch in range(cfg.epochs):
-        order = list(range(len(groups)))
-        order_rng.shuffle(order)
-        for s in range(steps_per_epoch):
-            ids = order[s * cfg.groups_per_step : (s + 1) * cfg.groups_per_step]
-            chunk = [groups[i] for i in ids[rank::world]] or [groups[ids[0]]]
-            batch = collate([g.tokens for g in chunk], pad, cfg.max_length).to(accelerator.device)
-            adv, zero = grpo_advantages([g.gains for g in chunk], cfg.scale_rewards)
-            old, mask = _padded([t for g in chunk for t in g.old])
-            ref, _ = _padded([t for g in chunk for t in g.ref])
-            dev = accelerator.device
-            for _ in range(cfg.ppo_epochs):
-                model.train()
-                flat, entropy = token_logps(model, batch, with_entropy=True)
-                logps, _ = _padded(per_candidate(flat, batch))
-                ent, _ = _padded(per_candidate(entropy, batch))
-                loss, metrics = grpo_loss(
-                    logps, old.to(dev), ref.to(dev), mask.to(dev), adv.to(dev),
-                    epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, beta=beta,
-                    loss_type=cfg.loss_type, max_completion_length=max_len,
-                    entropy=ent, entropy_coef=cfg.entropy_coef,
-                )  # fmt: skip
-                accelerator.backward(loss)
-                grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                logged = {"loss": loss.detach(), **metrics, "grad_norm": torch.as_tensor(grad_norm)}
-                logged = {
-                    k: float(accelerator.reduce(v.to(dev).float(), "mean"))
-                    for k, v in logged.items()
-                }
-                logged["advantages/mean"] = float(adv.mean())
-                logged["advantages/std"] = float(adv.std()) if adv.numel() > 1 else 0.0
-                logged["frac_zero_std_groups"] = float(zero.float().mean())
-                logged["learning_rate"] = scheduler.get_last_lr()[0]
-                logged["beta"] = beta
-                logged["epoch"] = epoch + (s + 1) / steps_per_epoch
-                if cfg.target_kl:
-                    # adaptive KL controller: move beta so the KL per token tracks the target
-                    error = max(-0.2, min(0.2, logged["kl"] / cfg.target_kl - 1))
-                    beta = max(1e-6, beta * (1 + 0.5 * error))
-                bar.update(1)
-                bar.set_postfix(loss=f"{logged['loss']:.4f}", kl=f"{logged['kl']:.4f}")
-                if on_step is not None and accelerator.is_main_process:
-                    on_step(step, logged)
-                last = logged
-    bar.close()
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(str(out_dir))
-    return {k: last[k] for k in ("loss", "kl", "clip_ratio", "entropy", "beta") if k in last}
+    last: dict[str, float] = {}
+
+    def remember(step: int, metrics: dict[str, float]) -> None:
+        if "loss" in metrics:
+            last.update(metrics)
+        if on_step is not None:
+            on_step(step, metrics)
+
+    result = train(
+        model,
+        method,
+        cfg,
+        out_dir,
+        accelerator=accelerator,
+        guard=guard,
+        on_step=remember,
+        show_progress=show_progress,
+    )
+    keys = ("loss", "kl", "clip_ratio", "entropy", "beta")
+    result.metrics = {**{k: last[k] for k in keys if k in last}, **result.metrics}
+    return result

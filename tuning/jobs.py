@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict
+import sys
+from dataclasses import asdict, replace
 
 from store import datasets, models, runs
 from store import db as storedb
@@ -27,6 +28,20 @@ def _remove_stale_staging(ws: storedb.Workspace, running: list[int]) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def _guard_prompts(ws: storedb.Workspace, base: str) -> tuple[list[list[int]], str]:
+    """Token ids of the prompts the fluency guard and the gate sample: held-out, else train."""
+    from store import prompts as storeprompts
+    from tuning.modeling import load_tokenizer, prompt_ids
+
+    with storedb.connect(ws) as con:
+        split = "heldout"
+        df = storeprompts.list_prompts(con, split)
+        if df.empty:
+            split, df = "train", storeprompts.list_prompts(con, "train")
+    tokenizer = load_tokenizer(base)
+    return [prompt_ids(tokenizer, r.text, r.messages) for r in df.itertuples()], split
+
+
 def _train(
     ws: storedb.Workspace,
     base: str,
@@ -37,28 +52,26 @@ def _train(
     out_dir,
     on_step=None,
     show_progress: bool = True,
-) -> dict:
-    """Run the method's training loop on a dataset version; returns its final metrics."""
+    guard_prompts: list[list[int]] | None = None,
+):
+    """Run the method's training loop on a dataset version; returns its TrainResult."""
     from labeling.curation import snapshot_records
 
     rows = snapshot_records(datasets.read_snapshot(ws, info))
     init = ws.path(parent["adapter_path"]) if parent else None
+    common = dict(
+        init_adapter=init,
+        on_step=on_step,
+        show_progress=show_progress,
+        guard_prompts=guard_prompts,
+    )
     if method == "grpo":
         from tuning.grpo import train_grpo
 
         with storedb.connect(ws) as con:
             versions = models.list_versions(con)
         adapters = {str(v.id): ws.path(v.adapter_path) for v in versions.itertuples()}
-        return train_grpo(
-            base,
-            rows,
-            cfg,
-            out_dir,
-            adapters=adapters,
-            init_adapter=init,
-            on_step=on_step,
-            show_progress=show_progress,
-        )
+        return train_grpo(base, rows, cfg, out_dir, adapters=adapters, **common)
     from tuning.dpo import train_dpo
 
     heldout = None
@@ -74,15 +87,24 @@ def _train(
                 "--split heldout first"
             )
     return train_dpo(
-        base,
-        rows,
-        cfg,
-        out_dir,
-        init_adapter=init,
-        ref_cache=ws.path(info["path"]),
-        on_step=on_step,
-        show_progress=show_progress,
-        heldout_rows=heldout,
+        base, rows, cfg, out_dir, ref_cache=ws.path(info["path"]), heldout_rows=heldout, **common
+    )
+
+
+def gate_note(con, chosen: str) -> str | None:
+    """Why sampling uses `chosen` rather than a newer version that failed its gate."""
+    df = models.list_versions(con)
+    newer = df[~df["promoted"]]
+    if chosen != models.BASE:
+        newer = newer[newer["created"] > df[df["id"] == chosen]["created"].iloc[0]]
+    if newer.empty:
+        return None
+    row = newer.iloc[-1]
+    reasons = "; ".join((row["gate"] or {}).get("reasons", [])) or "it is not promoted"
+    return (
+        f"sampling from {chosen}: {row['id']} failed its promotion gate ({reasons}); "
+        f"`prefloop models promote {row['id']} --force` makes it the default, "
+        f"`--model {row['id']}` samples from it once"
     )
 
 
@@ -97,7 +119,11 @@ def sample_job(
     from tuning.sampling import sample_round
 
     with storedb.connect(ws) as con:
-        version = version or models.latest_version(con)
+        if not version:
+            version = models.default_version(con)
+            note = gate_note(con, version)
+            if note:
+                print(note, file=sys.stderr)
         models.get_version(con, version)
         run_id = runs.start_run(con, "sample", {**asdict(cfg), "model_version": version})
     try:
@@ -129,6 +155,85 @@ def eval_job(ws: storedb.Workspace, version: str, cfg) -> dict:
     return result
 
 
+def round_beta(cfg: DPOConfig | GRPOConfig, method: str, parent: dict | None) -> dict:
+    """β for a round continued from `parent`, by the Ziegler rule once per round.
+
+    β_r = β_parent · (1 + clip(KL_parent / target − 1, −0.2, 0.2)), where KL_parent is the KL
+    per token the parent's gate measured and target is cfg.kl_target (default: half the KL
+    budget). Returns the adapted β and what it came from; β stays as given without a parent,
+    without a measured KL, or with adapt_beta off.
+    """
+    out = {"beta": cfg.beta, "beta_requested": cfg.beta}
+    gate = (parent or {}).get("gate") or {}
+    kl = gate.get("kl_per_token")
+    if not (cfg.adapt_beta and parent and kl is not None):
+        return out
+    pconf = parent["config"]
+    start = pconf.get("beta", cfg.beta) if parent.get("method") == method else cfg.beta
+    target = cfg.kl_target or cfg.kl_budget / 2
+    error = max(-0.2, min(0.2, kl / target - 1))
+    return {**out, "beta": start * (1 + error), "beta_parent": start, "kl_parent": kl,
+            "kl_target": target}  # fmt: skip
+
+
+def gate_verdict(
+    report,
+    cfg: DPOConfig | GRPOConfig,
+    accuracy: float | None,
+    parent_accuracy: float | None,
+    kept_epoch: int | None = None,
+) -> dict:
+    """The promotion gate: broken share ≤ 5% (or π_ref's own, where higher), KL within budget,
+    held-out preference accuracy at least the parent's (0.5 for the base model) when held-out
+    labels exist."""
+    from tuning.fluency import MAX_BROKEN_SHARE
+
+    reasons = []
+    gate: dict = {"kl_budget": cfg.kl_budget, "max_broken_share": MAX_BROKEN_SHARE}
+    if report is not None:
+        gate.update(
+            max_broken_share=report.max_broken_share,
+            broken_share_ref=report.broken_share_ref,
+            kl_per_token=report.kl_per_token,
+            broken_share=report.broken_share,
+            nll_per_token=report.nll_per_token,
+            nll_per_token_ref=report.nll_per_token_ref,
+            answers=report.answers,
+            examples=report.examples,
+        )
+        if report.broken_share > report.max_broken_share:
+            reasons.append(
+                f"broken share {report.broken_share:.0%} > {report.max_broken_share:.0%} of "
+                f"{report.answers} held-out answers"
+            )
+        if report.kl_per_token > cfg.kl_budget:
+            reasons.append(f"KL per token {report.kl_per_token:.3f} > budget {cfg.kl_budget:g}")
+    else:
+        gate["unmeasured"] = "no prompts to sample (gate_prompts 0)"
+    if kept_epoch == 0:
+        reasons.append(
+            "no epoch stayed within the guard's budget, so nothing was learned (the starting "
+            "adapter was kept); lower --lr or raise --beta"
+        )
+    if accuracy is not None:
+        gate["preference_accuracy"] = accuracy
+        gate["preference_accuracy_parent"] = parent_accuracy
+        if parent_accuracy is not None and accuracy < parent_accuracy:
+            reasons.append(
+                f"held-out preference accuracy {accuracy:.3f} < parent's {parent_accuracy:.3f}"
+            )
+    gate["passed"] = not reasons
+    gate["reasons"] = reasons
+    return gate
+
+
+def _preference_accuracy(ws: storedb.Workspace, version: str, beta: float) -> float | None:
+    from tuning.evaluation import preference_accuracy
+
+    result = preference_accuracy(ws, version, beta or 0.1)
+    return None if result is None else float(result[0]["accuracy"])
+
+
 def tune_job(
     ws: storedb.Workspace,
     cfg: DPOConfig | GRPOConfig,
@@ -138,7 +243,8 @@ def tune_job(
     dataset_id: str | None = None,
     show_progress: bool = True,
 ) -> str:
-    """Freeze (or reuse) a dataset version, train an adapter on it, register the new version."""
+    """Freeze (or reuse) a dataset version, train an adapter on it, register the new version,
+    and run its promotion gate."""
     from labeling.curation import freeze_dataset
 
     rank = int(os.environ.get("RANK", "0"))  # set by `accelerate launch` for each process
@@ -150,9 +256,14 @@ def tune_job(
         if dataset_id:
             datasets.get_dataset(con, dataset_id)
     dataset_id = dataset_id or freeze_dataset(ws)  # same content, same id in every process
+    beta = round_beta(cfg, method, parent)
+    cfg = replace(cfg, beta=beta["beta"])
     config = {"method": method, "dataset": dataset_id, "from": from_version, **cfg.to_dict()}
     with storedb.connect(ws) as con:
         info = datasets.get_dataset(con, dataset_id)
+    guard_prompts, guard_split = (
+        _guard_prompts(ws, base) if cfg.guard_prompts > 0 or cfg.gate_prompts > 0 else ([], "")
+    )
     if rank != 0:  # a non-main process of a multi-process run: train its shard, record nothing
         _train(
             ws,
@@ -163,6 +274,7 @@ def tune_job(
             parent,
             ws.artifacts / "adapters" / ".unused",
             show_progress=False,
+            guard_prompts=guard_prompts,
         )
         return ""
     with storedb.connect(ws) as con:
@@ -179,8 +291,21 @@ def tune_job(
             runs.heartbeat(con, run_id, metrics, step)
 
     try:
-        final = _train(ws, base, method, cfg, info, parent, staging, on_step, show_progress)
-        (run_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
+        result = _train(
+            ws, base, method, cfg, info, parent, staging, on_step, show_progress, guard_prompts
+        )
+        final = result.metrics
+        training = {
+            "epochs_run": result.epochs_run,
+            "kept_epoch": result.kept_epoch,
+            "stopped_by": result.stopped_by,
+            "guard": result.guard,
+            "guard_split": guard_split,
+            **{k: v for k, v in beta.items() if k != "beta"},
+        }
+        (run_dir / "final_metrics.json").write_text(
+            json.dumps({**final, "training": training}, indent=2, default=float)
+        )
         with storedb.connect(ws) as con:
             version = models.register_version(
                 ws,
@@ -189,12 +314,59 @@ def tune_job(
                 parent=from_version,
                 dataset_id=dataset_id,
                 method=method,
-                config={**config, "final_metrics": final},
+                config={**config, "final_metrics": final, "training": training},
                 run_id=run_id,
+                promoted=False,
             )
+        accuracy = _preference_accuracy(ws, version, cfg.beta)
+        parent_accuracy = None
+        if accuracy is not None:
+            parent_gate = (parent or {}).get("gate") or {}
+            parent_accuracy = parent_gate.get("preference_accuracy")
+            if parent is None:
+                parent_accuracy = 0.5  # the base model's implicit reward orders nothing
+            elif parent_accuracy is None:
+                parent_accuracy = _preference_accuracy(
+                    ws, from_version, parent["config"].get("beta", cfg.beta)
+                )
+        gate = gate_verdict(result.gate, cfg, accuracy, parent_accuracy, result.kept_epoch)
+        gate["split"] = guard_split
+        with storedb.connect(ws) as con:
+            models.set_gate(con, version, gate, gate["passed"])
             runs.finish_run(con, run_id, version)
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
         _fail(ws, run_id, exc)
         raise
+    print(gate_summary(version, gate, result), file=sys.stderr)
     return version
+
+
+def gate_summary(version: str, gate: dict, result=None) -> str:
+    """One or two lines for the user: the gate's verdict and what to do about a failure."""
+    parts = []
+    if result is not None and result.stopped_by == "guard":
+        last = result.guard[-1]
+        parts.append(
+            f"the fluency guard stopped training after epoch {result.epochs_run} (KL/token "
+            f"{last['kl_per_token']:.3f}, budget {gate['kl_budget']:g}; broken "
+            f"{last['broken_share']:.0%}) and kept epoch {result.kept_epoch}, the last within "
+            "the budget"
+        )
+    measured = (
+        f"KL/token {gate['kl_per_token']:.3f} (budget {gate['kl_budget']:g}), "
+        f"broken {gate['broken_share']:.0%}"
+        if "kl_per_token" in gate
+        else "fluency not measured"
+    )
+    if "preference_accuracy" in gate:
+        measured += f", held-out preference accuracy {gate['preference_accuracy']:.3f}"
+    if gate["passed"]:
+        parts.append(f"{version} passed its promotion gate ({measured}); new rounds sample from it")
+    else:
+        parts.append(
+            f"{version} FAILED its promotion gate: {'; '.join(gate['reasons'])}. It is kept but "
+            f"not promoted: new rounds keep sampling from the previous version. "
+            f"`prefloop models promote {version} --force` overrides."
+        )
+    return "\n".join(parts)

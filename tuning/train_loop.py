@@ -1,0 +1,246 @@
+"""The one training loop every tuning method runs on.
+
+A method supplies its training groups and a batch → (loss, metrics) function; the loop does the
+rest: optimizer and schedule, accelerate, sharding, the progress bar, metric reduction and
+logging, per-epoch checks (the fluency guard and held-out scores), keeping the right epoch, and
+saving the adapter. Read it top to bottom.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm import tqdm
+
+from tuning.config import TrainSettings
+from tuning.guard import Guard, GuardReport
+
+StepCallback = Callable[[int, dict[str, float]], None]
+# (model, the groups of this process's share of a batch) -> (loss, metrics)
+LossFn = Callable[[torch.nn.Module, list], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass
+class Method:
+    """What a tuning method brings to the loop."""
+
+    name: str
+    groups: list
+    loss: LossFn
+    passes_per_batch: int = 1  # GRPO's ppo_epochs: optimizer steps on the same batch
+    # per-batch metrics computed outside the loss (e.g. GRPO's advantages), from the groups
+    batch_metrics: Callable[[list], dict[str, float]] | None = None
+    # after an optimizer step: returns extra metrics to log (e.g. an adapted β)
+    after_step: Callable[[dict[str, float]], dict[str, float]] | None = None
+    # a held-out score measured after each epoch (higher is better); keeps the best epoch
+    epoch_score: Callable[[torch.nn.Module], float] | None = None
+    score_name: str = "eval/score"
+    patience: int = 0  # epochs without a better score before stopping (0: never stop early)
+    postfix: tuple[str, ...] = ("loss",)
+    # final metrics of the kept adapter (e.g. DPO's metrics over every pair)
+    final_metrics: Callable[[torch.nn.Module], dict[str, float]] | None = None
+
+
+@dataclass
+class TrainResult:
+    """How the run ended."""
+
+    metrics: dict[str, float]
+    epochs_run: int
+    kept_epoch: int  # 0: the starting adapter was kept
+    stopped_by: str | None  # "guard" (KL budget or broken answers), "patience" or None
+    guard: list[dict] = field(default_factory=list)  # per-epoch guard reports
+    gate: GuardReport | None = None  # the guard measured on the kept adapter, gate_prompts
+
+
+def _lora_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+
+def train(
+    model,
+    method: Method,
+    cfg: TrainSettings,
+    out_dir: Path,
+    *,
+    accelerator: Accelerator,
+    guard: Guard | None = None,
+    on_step: StepCallback | None = None,
+    show_progress: bool = True,
+) -> TrainResult:
+    """Train `model`'s LoRA adapter with `method`; save the kept adapter to out_dir."""
+    main = accelerator.is_main_process
+
+    def log(step: int, metrics: dict[str, float]) -> None:
+        if on_step is not None and main:
+            on_step(step, metrics)
+
+    # -- optimizer and schedule: AdamW on the LoRA weights, linear warm-up then constant -----
+    groups = method.groups
+    steps_per_epoch = math.ceil(len(groups) / cfg.groups_per_step)
+    total = steps_per_epoch * cfg.epochs * method.passes_per_batch
+    params, optimizer, scheduler = make_optimizer(model, cfg, total)
+
+    # -- accelerate: device placement and, under `accelerate launch`, DDP ---------------------
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    unwrapped = accelerator.unwrap_model(model)
+    dev = accelerator.device
+
+    # -- what to keep: the starting adapter until an epoch passes the checks ------------------
+    checking = guard is not None or method.epoch_score is not None
+    kept_state = _lora_state(unwrapped) if guard is not None else None
+    kept_epoch, best_score, since_best = 0, -math.inf, 0
+    reports: list[dict] = []
+    stopped_by = None
+
+    step, epochs_run = 0, 0
+    bar = tqdm(total=total, desc=method.name, unit="step", disable=not (show_progress and main))
+    order_rng = random.Random(cfg.seed)
+    for epoch in range(cfg.epochs):
+        # -- one epoch: shuffled batches of groups, each process trains its share ------------
+        order = list(range(len(groups)))
+        order_rng.shuffle(order)
+        for s in range(steps_per_epoch):
+            ids = order[s * cfg.groups_per_step : (s + 1) * cfg.groups_per_step]
+            chunk = [groups[i] for i in ids[rank::world]] or [groups[ids[0]]]
+            extra = method.batch_metrics(chunk) if method.batch_metrics else {}
+            for _ in range(method.passes_per_batch):
+                # -- forward, backward, clip, step ------------------------------------------
+                model.train()
+                loss, metrics = method.loss(model, chunk)
+                accelerator.backward(loss)
+                grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                # -- metrics: mean over processes, then logged by the main process ----------
+                logged = {"loss": loss.detach(), **metrics, "grad_norm": torch.as_tensor(grad_norm)}
+                logged = {
+                    k: float(accelerator.reduce(v.to(dev).float(), "mean"))
+                    for k, v in logged.items()
+                }
+                logged.update(extra)
+                logged["learning_rate"] = scheduler.get_last_lr()[0]
+                logged["epoch"] = epoch + (s + 1) / steps_per_epoch
+                if method.after_step is not None:
+                    logged.update(method.after_step(logged))
+                bar.update(1)
+                bar.set_postfix({k: f"{logged[k]:.4f}" for k in method.postfix if k in logged})
+                log(step, logged)
+        epochs_run = epoch + 1
+        if not checking:
+            kept_epoch = epochs_run
+            continue
+
+        # -- the fluency guard: stop at the last epoch within the KL budget ------------------
+        if guard is not None and cfg.guard_prompts > 0:
+            report = guard.measure(unwrapped, cfg.guard_prompts)
+            reports.append({"epoch": epochs_run, **report.to_dict()})
+            log(step, {**report.metrics("guard"), "epoch": epochs_run})
+            if not report.within:
+                stopped_by = "guard"
+                break
+
+        # -- held-out score: keep the best epoch, stop after `patience` without a better one -
+        score = method.epoch_score(unwrapped) if method.epoch_score else None
+        if score is not None:
+            log(step, {method.score_name: score, "epoch": epochs_run})
+        if score is None or score > best_score:
+            best_score = score if score is not None else best_score
+            kept_epoch, since_best = epochs_run, 0
+            if kept_epoch < cfg.epochs:
+                kept_state = _lora_state(unwrapped)
+        else:
+            since_best += 1
+            if method.patience and since_best >= method.patience:
+                stopped_by = "patience"
+                break
+    bar.close()
+
+    # -- keep the chosen epoch's adapter ------------------------------------------------------
+    if kept_epoch != epochs_run and kept_state is not None:
+        unwrapped.load_state_dict(kept_state, strict=False)
+    final = method.final_metrics(unwrapped) if method.final_metrics else {}
+    if best_score > -math.inf:
+        final[method.score_name] = best_score
+    gate = guard.measure(unwrapped) if guard is not None else None
+
+    # -- save: the main process writes the adapter --------------------------------------------
+    accelerator.wait_for_everyone()
+    if main:
+        unwrapped.save_pretrained(str(out_dir))
+    return TrainResult(final, epochs_run, kept_epoch, stopped_by, reports, gate)
+
+
+def make_optimizer(model, cfg: TrainSettings, total_steps: int):
+    """AdamW over the trainable (LoRA) parameters with linear warm-up, then a constant rate."""
+    warmup = max(1, int(cfg.warmup_ratio * total_steps))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    return params, optimizer, scheduler
+
+
+def new_adapter(base: str, cfg: TrainSettings, load: Callable | None = None):
+    """The base model with a fresh LoRA adapter of cfg.lora's shape."""
+    from peft import LoraConfig, get_peft_model
+
+    from tuning.modeling import load_version
+
+    load = load or load_version
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=list(cfg.lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(load(base, None), lora)
+
+
+def policy_model(
+    base: str, cfg: TrainSettings, init_adapter: Path | None, load: Callable | None = None
+):
+    """The policy to train: a fresh adapter, or a version's adapter to continue."""
+    from tuning.modeling import load_version
+
+    load = load or load_version
+    if init_adapter is not None:
+        return load(base, init_adapter, trainable=True)
+    return new_adapter(base, cfg, load)
+
+
+def setup(cfg: TrainSettings) -> Accelerator:
+    """Threads, seeds and the accelerator of a run."""
+    from tuning.modeling import limit_threads
+
+    limit_threads()
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+def make_guard(
+    model, tokenizer, guard_prompts: list[list[int]] | None, cfg: TrainSettings
+) -> Guard | None:
+    """The run's fluency guard over held-out prompts; None when off or there are none."""
+    if not guard_prompts or (cfg.guard_prompts <= 0 and cfg.gate_prompts <= 0):
+        return None
+    n = max(cfg.guard_prompts, cfg.gate_prompts)
+    return Guard(
+        model,
+        tokenizer,
+        guard_prompts[:n],
+        kl_budget=cfg.kl_budget,
+        max_new_tokens=cfg.guard_max_new_tokens,
+        max_length=cfg.max_length,
+        seed=cfg.seed,
+    )
