@@ -43,6 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from store.records import TrainingGroup  # noqa: E402
+
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 # Real-ish instructions, each about 20-35 tokens.
@@ -116,7 +118,7 @@ SENTENCES = [
 ]
 
 
-def synthetic_rows(tokenizer, groups: int, k: int, seed: int = 0) -> list[dict]:
+def synthetic_rows(tokenizer, groups: int, k: int, seed: int = 0) -> list[TrainingGroup]:
     """Deterministic ranked groups: real-ish prompts, K completions of 40-120 tokens each."""
     import random
 
@@ -137,21 +139,21 @@ def synthetic_rows(tokenizer, groups: int, k: int, seed: int = 0) -> list[dict]:
             texts.append(" ".join(words))
         order = list(range(k))
         rng.shuffle(order)
-        rows.append({"prompt": prompt, "texts": texts, "ranking": [[i] for i in order]})
+        rows.append(TrainingGroup(prompt, texts, [[i] for i in order]))
     return rows
 
 
-def pair_rows(tokenizer, rows: list[dict]) -> list[dict]:
+def pair_rows(tokenizer, rows: list[TrainingGroup]) -> list[dict]:
     """The same data as TRL pairs: every ordered pair of each ranking, chat-templated prompt."""
     from labeling.ranking import ordered_pairs
 
     pairs = []
     for row in rows:
         prompt = tokenizer.apply_chat_template(
-            [{"role": "user", "content": row["prompt"]}], add_generation_prompt=True, tokenize=False
+            [{"role": "user", "content": row.prompt}], add_generation_prompt=True, tokenize=False
         )
-        for a, b in ordered_pairs(row["ranking"]):
-            pairs.append({"prompt": prompt, "chosen": row["texts"][a], "rejected": row["texts"][b]})
+        for a, b in ordered_pairs(row.ranking):
+            pairs.append({"prompt": prompt, "chosen": row.texts[a], "rejected": row.texts[b]})
     return pairs
 
 
@@ -176,7 +178,7 @@ class Timer:
         return timed
 
 
-def run_prefloop(model_dir: str, rows: list[dict], args, workdir: Path) -> dict:
+def run_prefloop(model_dir: str, rows: list[TrainingGroup], args, workdir: Path) -> dict:
     """Train with prefloop's train_dpo; wall time excludes loading weights and tokenizer."""
     import torch
 
@@ -237,7 +239,7 @@ def run_prefloop(model_dir: str, rows: list[dict], args, workdir: Path) -> dict:
     }
 
 
-def run_trl(model_dir: str, rows: list[dict], args, workdir: Path, device: str) -> dict:
+def run_trl(model_dir: str, rows: list[TrainingGroup], args, workdir: Path, device: str) -> dict:
     """Train with TRL's DPOTrainer on the expanded pairs; wall time excludes loading the model."""
     import torch
     from datasets import Dataset
@@ -307,7 +309,7 @@ def run_trl(model_dir: str, rows: list[dict], args, workdir: Path, device: str) 
     }
 
 
-def check_same_tokens(trainer, tokenizer, rows: list[dict], max_length: int) -> bool:
+def check_same_tokens(trainer, tokenizer, rows: list[TrainingGroup], max_length: int) -> bool:
     """Whether TRL's tokenised pairs are exactly prefloop's prompt + completion token ids."""
     from tuning.batching import truncate
     from tuning.dpo import build_groups
@@ -321,7 +323,7 @@ def check_same_tokens(trainer, tokenizer, rows: list[dict], max_length: int) -> 
     return sorted(map(repr, expected)) == sorted(map(repr, got))
 
 
-def final_loss_of(model, tokenizer, rows: list[dict], args) -> tuple[float, float]:
+def final_loss_of(model, tokenizer, rows: list[TrainingGroup], args) -> tuple[float, float]:
     """prefloop's end-of-run loss and accuracy over all pairs, for any PEFT model (untimed)."""
     from tuning.config import DPOConfig
     from tuning.dpo import build_groups, evaluate_groups, reference_logps
@@ -393,21 +395,19 @@ def main() -> int:
     model_dir = str(args.model or ensure_default_model())
     tokenizer = load_tokenizer(model_dir)
     rows = synthetic_rows(tokenizer, args.groups, args.k)
-    n_pairs = sum(len(ordered_pairs(r["ranking"])) for r in rows)
+    n_pairs = sum(len(ordered_pairs(r.ranking)) for r in rows)
     pairs_per_step = n_pairs // args.groups * args.groups_per_step
     if args.trl_batch is None:
         args.trl_batch = 1 if device == "cpu" else pairs_per_step // (args.trl_accum or 1)
     if args.trl_accum is None:
         args.trl_accum = max(1, pairs_per_step // args.trl_batch)
     c_lens = [
-        len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1
-        for r in rows
-        for t in r["texts"]
+        len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for r in rows for t in r.texts
     ]
     p_lens = [
         len(
             tokenizer.apply_chat_template(
-                [{"role": "user", "content": r["prompt"]}],
+                [{"role": "user", "content": r.prompt}],
                 add_generation_prompt=True,
                 tokenize=True,
                 return_dict=False,

@@ -448,11 +448,3 @@ def dataset_card(info: dict) -> str:
             "",
         ]
     )
-
-
-def snapshot_records(rows: pd.DataFrame) -> list[dict]:
-    """Snapshot rows as plain dicts with messages decoded."""
-    records = rows.to_dict("records")
-    for r in records:
-        r["messages"] = json.loads(r["messages"]) if isinstance(r["messages"], str) else None
-    return records

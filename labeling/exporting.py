@@ -6,31 +6,32 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-from labeling.curation import dataset_card, snapshot_records
+from labeling.curation import dataset_card
 from labeling.ranking import ordered_pairs, tiers_to_ranks
 from store import datasets
 from store import db as storedb
 from store.errors import PrefloopError
 from store.exports import write_card, write_rows
+from store.records import TrainingGroup
 from store.rounds import GroupRecord
 
 FORMATS = ("pairs", "listwise", "kto")
 
 
-def _prompt_fields(record: dict, conversational: bool) -> object:
+def _prompt_fields(record: TrainingGroup, conversational: bool) -> object:
     if not conversational:
-        return record["prompt"]
-    return record["messages"] or [{"role": "user", "content": record["prompt"]}]
+        return record.prompt
+    return record.messages or [{"role": "user", "content": record.prompt}]
 
 
-def pair_rows(records: list[dict]) -> list[dict]:
+def pair_rows(records: list[TrainingGroup]) -> list[dict]:
     """TRL preference rows: prompt/chosen/rejected, conversational when any prompt has messages."""
-    conversational = any(r["messages"] for r in records)
+    conversational = any(r.messages for r in records)
     rows = []
     for r in records:
         prompt = _prompt_fields(r, conversational)
-        for a, b in ordered_pairs(r["ranking"]):
-            chosen, rejected = r["texts"][a], r["texts"][b]
+        for a, b in ordered_pairs(r.ranking):
+            chosen, rejected = r.texts[a], r.texts[b]
             if conversational:
                 chosen = [{"role": "assistant", "content": chosen}]
                 rejected = [{"role": "assistant", "content": rejected}]
@@ -38,7 +39,7 @@ def pair_rows(records: list[dict]) -> list[dict]:
     return rows
 
 
-def kto_rows(records: list[dict]) -> list[dict]:
+def kto_rows(records: list[TrainingGroup]) -> list[dict]:
     """TRL unpaired preference rows (prompt, completion, label) from thumbs: one per candidate.
 
     With several annotators a candidate's label is the majority of their thumbs; candidates
@@ -46,13 +47,13 @@ def kto_rows(records: list[dict]) -> list[dict]:
     Conversational (prompt = messages, completion = one assistant turn) when any prompt has
     messages, as in the pairs export.
     """
-    conversational = any(r["messages"] for r in records)
+    conversational = any(r.messages for r in records)
     rows = []
     for r in records:
-        if r.get("thumbs") is None:
+        if r.thumbs is None:
             continue
         prompt = _prompt_fields(r, conversational)
-        for text, (ups, downs) in zip(r["texts"], r["thumbs"], strict=True):
+        for text, (ups, downs) in zip(r.texts, r.thumbs, strict=True):
             if ups == downs:
                 continue
             completion = [{"role": "assistant", "content": text}] if conversational else text
@@ -60,15 +61,15 @@ def kto_rows(records: list[dict]) -> list[dict]:
     return rows
 
 
-def listwise_rows(records: list[dict]) -> list[dict]:
+def listwise_rows(records: list[TrainingGroup]) -> list[dict]:
     """Ranked lists: prompt (or messages), completions, ranks (1 = best, equal = tie)."""
-    conversational = any(r["messages"] for r in records)
+    conversational = any(r.messages for r in records)
     key = "messages" if conversational else "prompt"
     return [
         {
             key: _prompt_fields(r, conversational),
-            "completions": list(r["texts"]),
-            "ranks": tiers_to_ranks(r["ranking"], len(r["texts"])),
+            "completions": list(r.texts),
+            "ranks": tiers_to_ranks(r.ranking, len(r.texts)),
         }
         for r in records
     ]
@@ -102,9 +103,9 @@ FORMAT_TEXT = {
 }
 
 
-def card_text(info: dict, fmt: str, out: Path, n_rows: int, records: list[dict]) -> str:
+def card_text(info: dict, fmt: str, out: Path, n_rows: int, records: list[TrainingGroup]) -> str:
     """The dataset card: what the file holds and where it came from."""
-    versions = sorted({str(r["model_version"]) for r in records if r["model_version"]})
+    versions = sorted({str(r.model_version) for r in records if r.model_version})
     load = "json" if out.suffix == ".jsonl" else "parquet"
     return f"""# prefloop preference dataset `{info["id"]}`
 
@@ -138,7 +139,7 @@ def export_dataset(
                 "no dataset version yet: run `prefloop dataset freeze` or `prefloop tune` first"
             )
         info = datasets.get_dataset(con, dataset_id)
-    records = snapshot_records(datasets.read_snapshot(ws, info))
+    records = datasets.read_groups(ws, info)
     rows = {"pairs": pair_rows, "listwise": listwise_rows, "kto": kto_rows}[fmt](records)
     if fmt == "kto" and not rows:
         raise PrefloopError(

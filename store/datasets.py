@@ -12,6 +12,7 @@ import pandas as pd
 
 from store.db import Workspace
 from store.errors import PrefloopError
+from store.records import TrainingGroup
 
 SNAPSHOT_COLUMNS = [
     "group_id",
@@ -164,6 +165,48 @@ def latest_dataset(con: duckdb.DuckDBPyConnection) -> str | None:
     """The newest dataset version's id, or None."""
     df = list_datasets(con)
     return None if df.empty else str(df.iloc[-1]["id"])
+
+
+def _none(value):
+    """None for the missing values pandas reads back as NaN."""
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def _list(value) -> list:
+    value = _none(value)
+    if value is None:
+        return []
+    return value.tolist() if hasattr(value, "tolist") else list(value)
+
+
+def training_groups(rows: pd.DataFrame) -> list[TrainingGroup]:
+    """Snapshot rows (as read_snapshot or curation return them) as typed training groups."""
+    groups = []
+    for r in rows.to_dict("records"):
+        messages = _none(r.get("messages"))
+        groups.append(
+            TrainingGroup(
+                prompt=r["prompt"],
+                texts=_list(r["texts"]),
+                ranking=_canonical(r["ranking"]),
+                rankings=_canonical(_list(r.get("rankings"))),
+                messages=json.loads(messages) if isinstance(messages, str) else messages,
+                finish_reasons=[_none(f) for f in _list(r.get("finish_reasons"))],
+                model_version=_none(r.get("model_version")),
+                group_id=_none(r.get("group_id")),
+                round_id=_none(r.get("round_id")),
+                candidate_ids=[int(c) for c in _list(r.get("candidate_ids"))],
+                sample_logprobs=[_none(x) for x in _list(r.get("sample_logprobs"))],
+                n_labels=int(_none(r.get("n_labels")) or 1),
+                thumbs=_canonical(_none(r.get("thumbs"))),
+            )
+        )
+    return groups
+
+
+def read_groups(ws: Workspace, info: dict) -> list[TrainingGroup]:
+    """A dataset version's training groups, checked against its content hash."""
+    return training_groups(read_snapshot(ws, info))
 
 
 def read_snapshot(ws: Workspace, info: dict) -> pd.DataFrame:

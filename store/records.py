@@ -43,6 +43,35 @@ class LabelRecord:
 
 
 @dataclass
+class TrainingGroup:
+    """A frozen training group: one prompt, its K candidates and the rankings they got.
+
+    Rankings hold candidate positions (0..K-1), best place first; a place may hold ties.
+    Written and read by store.datasets, consumed by every tuning method and every export.
+    """
+
+    prompt: str
+    texts: list[str]
+    ranking: list[list[int]]  # the consensus
+    rankings: list[list[list[int]]] = field(default_factory=list)  # every annotator's
+    messages: Messages | None = None
+    finish_reasons: list[str | None] = field(default_factory=list)  # eos | length | None
+    model_version: str | None = None  # the version that sampled the candidates (None: outside)
+    group_id: int | None = None
+    round_id: int | None = None
+    candidate_ids: list[int] = field(default_factory=list)
+    sample_logprobs: list[float | None] = field(default_factory=list)
+    n_labels: int = 1
+    thumbs: list[list[int]] | None = None  # [ups, downs] per candidate in thumbs rounds
+
+    def __post_init__(self) -> None:
+        if not self.rankings:
+            self.rankings = [self.ranking]
+        if not self.finish_reasons:
+            self.finish_reasons = [None] * len(self.texts)
+
+
+@dataclass
 class ImportReport:
     """What an import stored and what it skipped, with reasons."""
 

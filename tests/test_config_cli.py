@@ -118,12 +118,14 @@ def test_old_option_names_still_exist():
 def test_shared_options_appear_once_and_name_both_defaults():
     actions = subcommand_actions("tune")
     beta = actions["--beta"]
-    assert default_in_help(beta) == "dpo 0.1, grpo 0.04"
-    assert default_in_help(actions["--epochs"]) == "3"
+    assert default_in_help(beta) == "dpo 0.1, grpo 0.0"
+    assert default_in_help(actions["--epochs"]) == "dpo 3, grpo 6"
+    assert default_in_help(actions["--lr"]) == "dpo 0.0005, grpo 0.003"
+    assert default_in_help(actions["--max-length"]) == "512"
     assert default_in_help(actions["--loss"]) == "sigmoid"
     assert default_in_help(actions["--loss-type"]) == "grpo"
     assert actions["--loss"] is not actions["--loss-type"]
-    assert tune_config(parse("tune", "--method", "grpo"))[1].beta == 0.04
+    assert tune_config(parse("tune", "--method", "grpo"))[1].beta == GRPOConfig().beta == 0.0
     assert tune_config(parse("tune"))[1].beta == 0.1
     help_text = build_parser()._subparsers._group_actions[0].choices["tune"].format_help()
     assert help_text.count("--beta BETA ") == 1 and "--no-adapt-beta" in help_text

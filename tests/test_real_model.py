@@ -54,7 +54,7 @@ def settings(taste: str) -> LoopSettings:
         k=K,
         max_new_tokens=MAX_NEW_TOKENS,
         rounds=2,
-        eval_k=2,
+        eval_k=4,
         seed=0,
         tune_args={"dpo": "", "grpo": ""},
         taste=taste,

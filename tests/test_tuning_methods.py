@@ -11,7 +11,7 @@ import torch
 from labeling.bradley_terry import bt_gains, bt_preferences
 from labeling.ranking import consensus, mean_gains, ordered_pairs
 from store import db, labels, models, rounds, runs
-from store.records import LabelRecord
+from store.records import LabelRecord, TrainingGroup
 from store.rounds import CandidateRecord
 from tests.cli_helpers import ROOT, cli, cli_error
 from tuning.batching import GroupTokens, collate, per_candidate, sequence_logps, token_logps
@@ -98,6 +98,8 @@ def test_grpo_from_a_version_uses_it_as_pi_old_and_adapts_beta(ws, capsys):
         "v1",
         "--epochs",
         2,
+        "--beta",
+        "0.04",
         "--target-kl",
         "0.01",
         "--ppo-epochs",
@@ -147,9 +149,8 @@ def test_dpo_family_variants_train(ws, capsys, flags):
 THREE = [[[0], [1], [2], [3]], [[1], [0], [3], [2]], [[0], [2], [1], [3]]]
 
 
-def _three_row() -> dict:
-    return {"prompt": "Say yes.", "messages": None, "texts": list(TEXTS),
-            "ranking": consensus(THREE), "rankings": THREE}  # fmt: skip
+def _three_row() -> TrainingGroup:
+    return TrainingGroup("Say yes.", list(TEXTS), consensus(THREE), THREE)
 
 
 def test_bt_soft_labels_reach_the_dpo_loss(tiny_model_dir: Path) -> None:
@@ -165,7 +166,7 @@ def test_bt_soft_labels_reach_the_dpo_loss(tiny_model_dir: Path) -> None:
     assert set(bt_targets) == set(empirical.pairs)  # same pairs, other targets
     assert all(0.5 < t < 1 for t in bt.targets) and bt.targets != empirical.targets
     assert bt_targets[(0, 3)] > bt_targets[(0, 2)] > bt_targets[(0, 1)]  # transitive evidence
-    assert hard.pairs == ordered_pairs(row["ranking"]) and set(hard.targets) == {1.0}
+    assert hard.pairs == ordered_pairs(row.ranking) and set(hard.targets) == {1.0}
     assert build_groups([row], tok, 64, True)[0].targets == empirical.targets  # old bool configs
     assert build_groups([row], tok, 64, False)[0].targets == hard.targets
 
@@ -263,7 +264,6 @@ def test_cut_off_candidates_train_without_an_end_token(tiny_model_dir: Path) -> 
     from tuning.modeling import candidate_ids, load_tokenizer
 
     tok = load_tokenizer(str(tiny_model_dir))
-    ids = candidate_ids(tok, {"texts": ["Hello there", "Hello there"],
-                              "finish_reasons": ["eos", "length"]})  # fmt: skip
+    ids = candidate_ids(tok, ["Hello there", "Hello there"], ["eos", "length"])
     assert ids[0][-1] == tok.eos_token_id and ids[1][-1] != tok.eos_token_id
     assert ids[0][:-1] == ids[1]

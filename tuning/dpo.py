@@ -12,6 +12,7 @@ import torch
 from labeling.bradley_terry import bt_preferences
 from labeling.ranking import ordered_pairs, pair_preferences
 from store.errors import PrefloopError
+from store.records import TrainingGroup
 from tuning.batching import GroupTokens, collate, sequence_logps
 from tuning.config import DPOConfig
 from tuning.losses import dpo_loss, plackett_luce_loss, preference_loss
@@ -40,7 +41,7 @@ class TrainGroup:
 
 
 def build_groups(
-    rows: list[dict], tokenizer, max_length: int, soft: str | bool = "hard"
+    rows: list[TrainingGroup], tokenizer, max_length: int, soft: str | bool = "hard"
 ) -> list[TrainGroup]:
     """Tokenise snapshot rows; groups whose ranking orders no pair are left out.
 
@@ -52,7 +53,7 @@ def build_groups(
     mode = ("empirical" if soft else "hard") if isinstance(soft, bool) else soft
     groups = []
     for row in rows:
-        rankings = row.get("rankings") or [row["ranking"]]
+        rankings = row.rankings
         if mode == "bt":
             prefs = bt_preferences(rankings)
             pairs, targets = list(prefs), list(prefs.values())
@@ -60,15 +61,15 @@ def build_groups(
             prefs = pair_preferences(rankings)
             pairs, targets = list(prefs), list(prefs.values())
         else:
-            pairs = ordered_pairs(row["ranking"])
+            pairs = ordered_pairs(row.ranking)
             targets = [1.0] * len(pairs)
         if not pairs:
             continue
         tokens = GroupTokens(
-            prompt_ids(tokenizer, row["prompt"], row.get("messages")),
-            candidate_ids(tokenizer, row),
+            prompt_ids(tokenizer, row.prompt, row.messages),
+            candidate_ids(tokenizer, row.texts, row.finish_reasons),
         )
-        groups.append(TrainGroup(tokens, pairs, targets, row["ranking"]))
+        groups.append(TrainGroup(tokens, pairs, targets, row.ranking))
     return groups
 
 
@@ -152,7 +153,7 @@ def _pair_index(chunk: list[TrainGroup], offsets: list[int]) -> tuple[torch.Tens
 
 def train_dpo(
     base: str,
-    rows: list[dict],
+    rows: list[TrainingGroup],
     cfg: DPOConfig,
     out_dir: Path,
     *,
@@ -160,7 +161,7 @@ def train_dpo(
     ref_cache: Path | None = None,
     on_step: StepCallback | None = None,
     show_progress: bool = True,
-    heldout_rows: list[dict] | None = None,
+    heldout_rows: list[TrainingGroup] | None = None,
     guard_prompts: list[list[int]] | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter with DPO on ranked groups and save it to out_dir.

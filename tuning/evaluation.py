@@ -169,7 +169,7 @@ def _logps(
         tokens = [
             GroupTokens(
                 prompt_ids(tok, g.prompt, g.messages),
-                candidate_ids(tok, {"texts": g.texts, "finish_reasons": g.finish_reasons}),
+                candidate_ids(tok, g.texts, g.finish_reasons),
             )
             for g in chunk
         ]

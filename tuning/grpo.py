@@ -4,7 +4,6 @@ optimised with a k3 KL penalty to π_ref (the base model, adapter disabled)."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 from labeling.bradley_terry import bt_gains
 from labeling.ranking import mean_gains
 from store.errors import PrefloopError
+from store.records import TrainingGroup
 from tuning.batching import GroupTokens, collate, per_candidate, token_logps
 from tuning.config import GRPOConfig
 from tuning.losses import grpo_advantages, grpo_loss
@@ -41,13 +41,13 @@ class GRPOGroup:
     old: list[torch.Tensor] | None = None
 
 
-def build_grpo_groups(rows: list[dict], tokenizer, cfg: GRPOConfig) -> list[GRPOGroup]:
+def build_grpo_groups(rows: list[TrainingGroup], tokenizer, cfg: GRPOConfig) -> list[GRPOGroup]:
     """Tokenise snapshot rows and turn their rankings into gains: the schedule's gains averaged
     over annotators, or with cfg.gain_source="bt" Bradley–Terry gains fitted to the rankings."""
     groups = []
     for row in rows:
-        k = len(row["texts"])
-        rankings = row.get("rankings") or [row["ranking"]]
+        k = len(row.texts)
+        rankings = row.rankings
         try:
             if cfg.gain_source == "bt":
                 gains = bt_gains(rankings, k)
@@ -56,14 +56,11 @@ def build_grpo_groups(rows: list[dict], tokenizer, cfg: GRPOConfig) -> list[GRPO
         except ValueError as exc:
             raise PrefloopError(str(exc)) from None
         tokens = GroupTokens(
-            prompt_ids(tokenizer, row["prompt"], row.get("messages")),
-            candidate_ids(tokenizer, row),
+            prompt_ids(tokenizer, row.prompt, row.messages),
+            candidate_ids(tokenizer, row.texts, row.finish_reasons),
         )
-        origin = row.get("model_version")
-        origin = (
-            None if origin is None or (isinstance(origin, float) and math.isnan(origin)) else origin
-        )
-        groups.append(GRPOGroup(tokens, torch.tensor(gains, dtype=torch.float32), origin))
+        gains_t = torch.tensor(gains, dtype=torch.float32)
+        groups.append(GRPOGroup(tokens, gains_t, row.model_version))
     return groups
 
 
@@ -118,7 +115,7 @@ def fixed_logprobs(
 
 def train_grpo(
     base: str,
-    rows: list[dict],
+    rows: list[TrainingGroup],
     cfg: GRPOConfig,
     out_dir: Path,
     *,

@@ -55,9 +55,7 @@ def _train(
     guard_prompts: list[list[int]] | None = None,
 ):
     """Run the method's training loop on a dataset version; returns its TrainResult."""
-    from labeling.curation import snapshot_records
-
-    rows = snapshot_records(datasets.read_snapshot(ws, info))
+    rows = datasets.read_groups(ws, info)
     init = ws.path(parent["adapter_path"]) if parent else None
     common = dict(
         init_adapter=init,
@@ -80,7 +78,7 @@ def _train(
 
         with storedb.connect(ws) as con:
             held_df, _ = training_rows(con, split="heldout")
-        heldout = snapshot_records(held_df)
+        heldout = datasets.training_groups(held_df)
         if not heldout:
             raise PrefloopError(
                 "--early-stop needs labelled held-out groups: sample and rank a round with "

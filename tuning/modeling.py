@@ -87,7 +87,11 @@ def completion_ids(
     return list(ids) if finish_reason == "length" else [*ids, tokenizer.eos_token_id]
 
 
-def candidate_ids(tokenizer: PreTrainedTokenizerBase, row: dict) -> list[list[int]]:
-    """Token ids of every candidate of a snapshot row or group."""
-    reasons = row.get("finish_reasons") or [None] * len(row["texts"])
-    return [completion_ids(tokenizer, t, f) for t, f in zip(row["texts"], reasons, strict=True)]
+def candidate_ids(
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    finish_reasons: list[str | None] | None = None,
+) -> list[list[int]]:
+    """Token ids of every candidate of a group (a cut-off candidate gets no end token)."""
+    reasons = finish_reasons or [None] * len(texts)
+    return [completion_ids(tokenizer, t, f) for t, f in zip(texts, reasons, strict=True)]
