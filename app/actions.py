@@ -163,6 +163,15 @@ def start_job(ws: storedb.Workspace, user: User, args: list[str]) -> tuple[int, 
     return launcher.start_job(ws, args)
 
 
+def promote_version(ws: storedb.Workspace, user: User, version: str, force: bool = False) -> dict:
+    """Make a model version the default that new rounds sample from (force: past a failed gate)."""
+    from store import models
+
+    require(user, "start_jobs")
+    with storedb.connect(ws) as con:
+        return models.promote(con, version, force=force)
+
+
 def set_round_options(
     ws: storedb.Workspace, user: User, round_id: int, **options
 ) -> rounds.RoundOptions:

@@ -274,14 +274,6 @@ def cmd_models_promote(args: argparse.Namespace) -> None:
     print(f"{args.version} is promoted{forced}: `prefloop sample` draws new rounds from it")
 
 
-def _gate_text(gate) -> str:
-    if not isinstance(gate, dict):
-        return "(before the gate)"
-    if gate.get("forced"):
-        return "forced: " + "; ".join(gate.get("reasons", []))
-    return "passed" if gate.get("passed") else "FAILED: " + "; ".join(gate.get("reasons", []))
-
-
 def cmd_dataset_freeze(args: argparse.Namespace) -> None:
     from labeling.curation import Curation, freeze_versions
 
@@ -331,6 +323,7 @@ def cmd_dataset_show(args: argparse.Namespace) -> None:
 def cmd_list(what: str):
     def run(args: argparse.Namespace) -> None:
         from store import datasets, db, models, rounds, runs
+        from tuning.jobs import gate_text
 
         ws = _ws(args)
         with db.connect(ws) as con:
@@ -338,7 +331,7 @@ def cmd_list(what: str):
                 df = models.list_versions(con)
                 df.insert(3, "base_path", [_local_path(b) for b in df["base_model"]])
                 if not args.json:  # the table: the gate's verdict in words, not its record
-                    df["gate"] = df["gate"].map(_gate_text)
+                    df["gate"] = df["gate"].map(gate_text)
                     df = df.drop(columns=["config"])
             elif what == "rounds":
                 df = rounds.list_rounds(con)

@@ -20,6 +20,7 @@ from store.access import User
 from store.errors import PrefloopError
 from store.prompts import SPLITS
 from tuning.config import DPOConfig, GRPOConfig, LoraSettings, SamplingConfig
+from tuning.jobs import gate_text
 
 PAGES = ("Annotator", "Researcher", "Evaluation", "Team", "Admin")
 PAGE_ACTION = {  # the permission each page needs (store.access.PERMISSIONS)
@@ -365,7 +366,7 @@ def researcher_page(ws: storedb.Workspace, user: User) -> None:
     with storedb.connect(ws) as con:
         round_df = rounds.list_rounds(con)
         version_df = models.list_versions(con)
-        newest = models.latest_version(con)
+        newest = models.default_version(con)  # the newest promoted version
         dataset_df = datasets.list_datasets(con)
         run_df = runs.list_runs(con)
         base = models.base_model(con)
@@ -395,15 +396,23 @@ def researcher_page(ws: storedb.Workspace, user: User) -> None:
     if version_df.empty:
         st.caption("No tuned versions yet.")
     else:
-        st.dataframe(
-            version_df[["id", "parent", "dataset_id", "method", "run_id", "created"]].rename(
-                columns={"dataset_id": "dataset"}
-            ),
-            hide_index=True,
-            width="stretch",
+        table = version_df[["id", "parent", "dataset_id", "method", "promoted", "run_id"]].rename(
+            columns={"dataset_id": "dataset"}
         )
-        pick = st.selectbox("Config of version", list(reversed(version_ids)), key="version_pick")
-        st.json(version_df[version_df["id"] == pick].iloc[0]["config"], expanded=False)
+        table.insert(5, "promotion gate", version_df["gate"].map(gate_text))
+        st.dataframe(table, hide_index=True, width="stretch")
+        st.caption(f"New rounds sample from {newest} unless another version is chosen.")
+        pick = st.selectbox("Version", list(reversed(version_ids)), key="version_pick")
+        row = version_df[version_df["id"] == pick].iloc[0]
+        if not row["promoted"]:
+            force = st.checkbox("Promote although its gate failed", key="promote_force")
+            if st.button(f"Promote {pick}", key="promote_version"):
+                try:
+                    actions.promote_version(ws, user, pick, force=force)
+                    st.rerun()
+                except PrefloopError as exc:
+                    st.error(str(exc))
+        st.json(row["config"], expanded=False)
 
     datasets_panel(ws, user, dataset_df, [int(r) for r in round_df["id"]])
 

@@ -181,6 +181,10 @@ class Cli:
 
     def __call__(self, *args: str, timeout: float = 3600) -> str:
         """The command's stdout; a non-zero exit raises CliError with its output."""
+        return self.run(*args, timeout=timeout).stdout
+
+    def run(self, *args: str, timeout: float = 3600) -> subprocess.CompletedProcess:
+        """The finished command with its stdout and stderr; a non-zero exit raises CliError."""
         cmd = [sys.executable, "-m", "app.cli", *args, "--workspace", str(self.workspace)]
         t0 = time.perf_counter()
         proc = subprocess.run(
@@ -192,7 +196,7 @@ class Cli:
                 f"`{shlex.join(['prefloop', *args])}` exited {proc.returncode}\n"
                 f"stdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-4000:]}"
             )
-        return proc.stdout
+        return proc
 
     def json(self, *args: str) -> dict | list:
         """The command's stdout parsed as JSON (its last non-empty line)."""

@@ -134,8 +134,40 @@ def test_broken_answers_and_guarded_outcomes_by_hand():
     assert degenerate("min-zuki, min-zuki, min-zuki, min-zuki, min-zuki, min-zuki, min-zuki")
     assert degenerate("a a a a a a")
     assert not degenerate("A volcano is an opening in the Earth's crust where magma escapes.")
+    # seen in a GRPO round-2 answer on the real model (NLL/token under π_ref 1.79, below the
+    # 1-nat limit of 2.16): emoji garbage ending in an undecodable byte
+    seen = (
+        "Sure! Here's a simple breakfast that is perfect for a hungry traveler:\n\n"
+        "**Bienvenue au chocolé**\n\n🍧Bienvenue au chocolat\n\n🍧☰🍧\ufffd"
+    )
+    assert degenerate(seen)
+    assert not degenerate("Great job! 🎉 Here are three steps:\n1. Mix.\n2. Bake.\n3. Enjoy 🍰")
+    assert not degenerate("| a | b |\n|---|---|\n| 1 | 2 |")  # a Markdown table is not garbage
+    assert not degenerate("Title\n=====\n\nSome text here.\n\n***\n\nMore text.")
     # median of π_ref's own NLL/token is 1.5: above 2.5 is broken
     flags = broken_flags([1.0, 2.4, 2.6, 1.2], ["ok one", "ok two", "ok three", ""], [1, 1.5, 2])
     assert flags == [False, False, True, True]
     mine, theirs = [True, False, False, True], [False, True, False, True]
     assert guarded_outcomes([1, 1, 0, 0.5], mine, theirs) == [0.0, 1.0, 0.0, 0.5]
+
+
+def test_the_researcher_page_shows_the_gate_and_promotes_past_it(ws, capsys, monkeypatch):  # noqa: F811
+    from tests.test_app import click, element_values, open_app
+
+    cli(capsys, "tune", "-w", ws.root, "--epochs", 1, "--guard-prompts", 0, "--quiet")
+    with db.connect(ws) as con:  # as if its gate had failed
+        models.set_gate(con, "v1", {"passed": False, "reasons": ["broken share 40% > 5%"]}, False)
+    monkeypatch.setenv("PREFLOOP_WORKSPACE", str(ws.root))
+    at = open_app("Researcher")
+    (table,) = [d.value for d in at.dataframe if "promotion gate" in d.value.columns]
+    row = table[table["id"] == "v1"].iloc[0]
+    assert not row["promoted"] and row["promotion gate"] == "FAILED: broken share 40% > 5%"
+    assert any("New rounds sample from base" in c for c in element_values(at, "caption"))
+    click(at, "promote_version")  # without the checkbox: refused, with the gate's reason
+    assert any("failed its promotion gate" in e for e in element_values(at, "error"))
+    at.checkbox(key="promote_force").check().run()
+    click(at, "promote_version")
+    with db.connect(ws) as con:
+        assert models.default_version(con) == "v1"
+        assert models.get_version(con, "v1")["gate"]["forced"] is True
+    assert any("New rounds sample from v1" in c for c in element_values(at, "caption"))

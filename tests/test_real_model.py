@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -103,7 +102,7 @@ def test_two_rounds_with_the_defaults_improve_the_model_without_breaking_it(
             assert d2["length_limit_share"] < d2["length_limit_share_against"], (method, d2)
         records(res)
     if taste == "shorter":
-        destructive_setting_is_caught(tmp_path / "round1", tmp_path / "destructive", s)
+        destructive_setting_is_caught(results["dpo"], s)
 
 
 def records(res: MethodResult) -> None:
@@ -136,36 +135,39 @@ def records(res: MethodResult) -> None:
             assert steps[name].notna().all(), (name, steps.columns)
 
 
-def destructive_setting_is_caught(shared: Path, ws: Path, s: LoopSettings) -> None:
-    """DPO at lr 5e-3 on round 1's labels: the guard stops it and keeps an earlier epoch; without
-    the guard the gate refuses it, the Evaluation page marks it red, sampling stays on base."""
-    shutil.copytree(shared, ws)
-    cli = Cli(ws, s.env)
-    guarded_version = last_line(cli("tune", "--lr", "5e-3", "--quiet"))
+def destructive_setting_is_caught(res: MethodResult, s: LoopSettings) -> None:
+    """DPO from round 2's version at lr 2e-2 without the SFT term: the guard stops it after epoch
+    1 and keeps the starting adapter, the gate refuses a version that learned nothing; without the
+    guard the gate refuses the broken version, `prefloop eval` and the Evaluation page mark it as
+    won by breaking the model, and `prefloop sample` stays on the parent and says why."""
+    cli = Cli(res.workspace, s.env)
+    parent = res.rounds[-1].version
+    destroy = ("--from", parent, "--lr", "2e-2", "--sft-weight", "0", "--epochs", "2", "--quiet")
+    guarded_version = last_line(cli("tune", *destroy))
     info = {m["id"]: m for m in cli.json("models", "list", "--json")}[guarded_version]
     training = info["config"]["training"]
-    print(f"lr 5e-3 with the guard: {json.dumps(training)[:600]}")
-    assert training["stopped_by"] == "guard", training
-    assert training["kept_epoch"] < training["epochs_run"], training
+    print(f"destructive run with the guard: {json.dumps(training)[:600]}")
+    assert training["stopped_by"] == "guard" and training["kept_epoch"] == 0, training
     last = training["guard"][-1]
-    assert not last["within"], last
     assert last["kl_per_token"] > info["config"]["kl_budget"] or last["broken_share"] > 0.05
+    assert not info["promoted"] and "nothing was learned" in info["gate"]["reasons"][0]
 
-    broken = last_line(cli("tune", "--lr", "5e-3", "--guard-prompts", "0", "--quiet"))
+    broken = last_line(cli("tune", *destroy, "--guard-prompts", "0"))
     info = {m["id"]: m for m in cli.json("models", "list", "--json")}[broken]
-    print(f"lr 5e-3 without the guard: gate {json.dumps(info['gate'])[:800]}")
+    print(f"without the guard: gate {json.dumps(info['gate'])[:800]}")
     assert not info["promoted"] and info["gate"]["passed"] is False, info["gate"]
-    answers = "\n".join(info["gate"]["examples"])
-    print(f"its held-out answers:\n{answers}")
+    assert info["gate"]["broken_share"] > 0.05 or info["gate"]["kl_per_token"] > 0.5
 
-    out = cli.json("sample", "--limit", "1", "--k", "1", "--max-new-tokens", "8", "--json")
-    assert out["model_version"] != broken, out
+    proc = cli.run("sample", "--limit", "1", "--k", "1", "--max-new-tokens", "8", "--json")
+    assert json.loads(last_line(proc.stdout))["model_version"] == parent, proc.stdout
+    assert f"sampling from {parent}: {broken} failed its promotion gate" in proc.stderr
     ev = cli.json("eval", "--model", broken, "--judge", "tests.rounds_harness:shorter_judge",
                   *eval_sampling(s), "--json")  # fmt: skip
     d = ev["drift"]
     print(f"eval of {broken}: {json.dumps(d)[:600]}")
-    assert d["won_by_breaking"], d
-    page_marks_it_red(ws, broken)
+    assert d["won_by_breaking"] and d["broken_share"] > 0.05, d
+    assert ev["winrate"]["guarded_win_rate"] <= ev["winrate"]["win_rate"], ev["winrate"]
+    page_marks_it_red(res.workspace, broken)
 
 
 def page_marks_it_red(ws: Path, version: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import statistics
+import unicodedata
 from dataclasses import asdict, dataclass
 
 # An answer whose NLL per token under π_ref exceeds the median of π_ref's own answers by more
@@ -20,14 +21,25 @@ MAX_BROKEN_SHARE = 0.05
 _WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 
 
+def _symbol_line(line: str) -> bool:
+    """A line of three or more characters that are all pictographs (emoji, dingbats), private or
+    unassigned code points, or undecodable bytes (not rules such as "===" or "---")."""
+    chars = [c for c in line if not c.isspace()]
+    return len(chars) >= 3 and all(
+        c == "\ufffd" or unicodedata.category(c) in ("So", "Co", "Cn", "Cs") for c in chars
+    )
+
+
 def degenerate(text: str, *, min_words: int = 12, max_repeat: int = 6) -> bool:
-    """True for an empty answer or one that is mostly repetition.
+    """True for an empty answer, one that is mostly repetition, or one with a line of symbols.
 
     Repetition: the same word or punctuation mark `max_repeat` or more times in a row, or (for
-    answers of at least `min_words` words) fewer than 40% of its word trigrams distinct.
+    answers of at least `min_words` words) fewer than 40% of its word trigrams distinct. A line
+    made only of symbols, emoji or undecodable bytes ("🍧☰🍧\ufffd") is the kind of garbage a
+    tuned small model emits that π_ref's likelihood alone does not flag.
     """
     words = _WORD.findall(text.lower())
-    if not words:
+    if not words or any(_symbol_line(line) for line in text.splitlines()):
         return True
     run = 1
     for a, b in zip(words, words[1:], strict=False):

@@ -340,6 +340,16 @@ def tune_job(
     return version
 
 
+def gate_text(gate) -> str:
+    """A version's promotion-gate verdict in a few words, for tables."""
+    if not isinstance(gate, dict):
+        return "(made before the gate)"
+    reasons = "; ".join(gate.get("reasons", []))
+    if gate.get("forced"):
+        return f"forced past: {reasons}"
+    return "passed" if gate.get("passed") else f"FAILED: {reasons}"
+
+
 def gate_summary(version: str, gate: dict, result=None) -> str:
     """One or two lines for the user: the gate's verdict and what to do about a failure."""
     parts = []

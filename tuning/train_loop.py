@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from tuning.config import TrainSettings
-from tuning.guard import Guard, GuardReport
+from tuning.guard import GUARD_K, Guard, GuardReport
 
 StepCallback = Callable[[int, dict[str, float]], None]
 # (model, the groups of this process's share of a batch) -> (loss, metrics)
@@ -98,6 +98,7 @@ def train(
     kept_state = _lora_state(unwrapped) if guard is not None else None
     kept_epoch, best_score, since_best = 0, -math.inf, 0
     reports: list[dict] = []
+    measured: dict[int, GuardReport] = {}  # epoch -> the guard's report, to reuse for the gate
     stopped_by = None
 
     step, epochs_run = 0, 0
@@ -143,6 +144,7 @@ def train(
         # -- the fluency guard: stop at the last epoch within the KL budget ------------------
         if guard is not None and cfg.guard_prompts > 0:
             report = guard.measure(unwrapped, cfg.guard_prompts)
+            measured[epochs_run] = report
             reports.append({"epoch": epochs_run, **report.to_dict()})
             log(step, {**report.metrics("guard"), "epoch": epochs_run})
             if not report.within:
@@ -171,7 +173,11 @@ def train(
     final = method.final_metrics(unwrapped) if method.final_metrics else {}
     if best_score > -math.inf:
         final[method.score_name] = best_score
-    gate = guard.measure(unwrapped) if guard is not None else None
+    gate = None
+    if guard is not None:  # the kept epoch's guard report when it sampled every gate prompt
+        gate = measured.get(kept_epoch)
+        if gate is None or gate.answers < len(guard.prompts) * GUARD_K:
+            gate = guard.measure(unwrapped)
 
     # -- save: the main process writes the adapter --------------------------------------------
     accelerator.wait_for_everyone()
