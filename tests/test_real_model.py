@@ -156,7 +156,7 @@ def destructive_setting_is_caught(res: MethodResult, s: LoopSettings) -> None:
     info = {m["id"]: m for m in cli.json("models", "list", "--json")}[broken]
     print(f"without the guard: gate {json.dumps(info['gate'])[:800]}")
     assert not info["promoted"] and info["gate"]["passed"] is False, info["gate"]
-    assert info["gate"]["broken_share"] > 0.05 or info["gate"]["kl_per_token"] > 0.5
+    assert info["gate"]["broken_share"] > 0.05 or info["gate"]["kl_per_token"] > 0.6
 
     proc = cli.run("sample", "--limit", "1", "--k", "1", "--max-new-tokens", "8", "--json")
     assert json.loads(last_line(proc.stdout))["model_version"] == parent, proc.stdout

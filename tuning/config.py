@@ -85,7 +85,7 @@ class TrainSettings:
     # policy; stop at the last epoch whose KL per token to π_ref is within kl_budget and whose
     # broken share is at most 5%, and keep that epoch's adapter (guard_prompts=0: off)
     kl_budget: float = setting(
-        0.5, help="per-epoch guard: most KL per token to π_ref an epoch may reach and be kept"
+        0.6, help="per-epoch guard: most KL per token to π_ref an epoch may reach and be kept"
     )
     guard_prompts: int = setting(
         10, help="per-epoch guard: held-out prompts sampled after each epoch (0: no guard)"
