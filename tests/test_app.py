@@ -553,10 +553,12 @@ def test_dpo_form_trains_a_version_with_metrics(model_ws):
         "guard/kl_per_token",  # the per-epoch fluency guard
         "guard/broken_share",
     ]
-    for chart, name in zip(charts, ("loss", "rewards/accuracies"), strict=True):
+    for chart, name in zip(charts[:2], ("loss", "rewards/accuracies"), strict=True):
         data = pa.ipc.open_stream(chart.proto.datasets[0].data.data).read_all().to_pandas()
         assert list(data["step"]) == list(metrics.index)
         assert list(data[name]) == pytest.approx(list(metrics[name]))
+    guard = pa.ipc.open_stream(charts[2].proto.datasets[0].data.data).read_all().to_pandas()
+    assert len(guard) == 2  # one point per epoch
     assert "**loss**" in element_values(at, "markdown")
     assert "**rewards/accuracies**" in element_values(at, "markdown")
     assert at.selectbox(key="version_pick").value == "v1"
