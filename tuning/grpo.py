@@ -180,14 +180,6 @@ def train_grpo(
         after_step=after_step,
         postfix=("loss", "kl"),
     )
-    last: dict[str, float] = {}
-
-    def remember(step: int, metrics: dict[str, float]) -> None:
-        if "loss" in metrics:
-            last.update(metrics)
-        if on_step is not None:
-            on_step(step, metrics)
-
     result = train(
         model,
         method,
@@ -195,9 +187,10 @@ def train_grpo(
         out_dir,
         accelerator=accelerator,
         guard=guard,
-        on_step=remember,
+        on_step=on_step,
         show_progress=show_progress,
     )
     keys = ("loss", "kl", "clip_ratio", "entropy", "beta")
+    last = result.last_step
     result.metrics = {**{k: last[k] for k in keys if k in last}, **result.metrics}
     return result

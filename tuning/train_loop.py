@@ -57,6 +57,7 @@ class TrainResult:
     stopped_by: str | None  # "guard" (KL budget or broken answers), "patience" or None
     guard: list[dict] = field(default_factory=list)  # per-epoch guard reports
     gate: GuardReport | None = None  # the guard measured on the kept adapter, gate_prompts
+    last_step: dict[str, float] = field(default_factory=dict)  # the last step's metrics
 
 
 def _lora_state(model) -> dict[str, torch.Tensor]:
@@ -101,7 +102,7 @@ def train(
     measured: dict[int, GuardReport] = {}  # epoch -> the guard's report, to reuse for the gate
     stopped_by = None
 
-    step, epochs_run = 0, 0
+    step, epochs_run, logged = 0, 0, {}
     bar = tqdm(total=total, desc=method.name, unit="step", disable=not (show_progress and main))
     order_rng = random.Random(cfg.seed)
     for epoch in range(cfg.epochs):
@@ -183,7 +184,7 @@ def train(
     accelerator.wait_for_everyone()
     if main:
         unwrapped.save_pretrained(str(out_dir))
-    return TrainResult(final, epochs_run, kept_epoch, stopped_by, reports, gate)
+    return TrainResult(final, epochs_run, kept_epoch, stopped_by, reports, gate, logged)
 
 
 def make_optimizer(model, cfg: TrainSettings, total_steps: int):
