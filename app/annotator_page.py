@@ -47,7 +47,12 @@ export default function ({ setStateValue }) {
     setStateValue("typed", { nonce: box.nonce, keys: box.keys.slice() });
   };
   document.addEventListener("keydown", onKey);
-  return () => document.removeEventListener("keydown", onKey);
+  // a mark that keys are being caught (browser tests wait for it before typing)
+  document.documentElement.dataset.prefloopKeys = "on";
+  return () => {
+    document.removeEventListener("keydown", onKey);
+    delete document.documentElement.dataset.prefloopKeys;
+  };
 }
 """
 _keys_component = st.components.v2.component("prefloop_keys", html="<span></span>", js=KEYS_JS)

@@ -275,6 +275,8 @@ def _expect_group(page, seeded: SeededRound, index: int, done: int) -> None:
     expect(page.get_by_text(f"Done {done} / left {left} in this round")).to_be_visible()
     expect(page.get_by_text(seeded.prompts[index], exact=True)).to_be_visible()
     expect_ranking(page, "")
+    # the key-catching component mounts after the text is drawn; keys typed before are not seen
+    expect(page.locator("html")).to_have_attribute("data-prefloop-keys", "on")
 
 
 def test_keyboard_ranking_skip_and_all_bad(serve, page, tmp_path):
@@ -373,7 +375,7 @@ def test_keys_typed_ahead_are_not_lost(serve, page, tmp_path):
 
     page.keyboard.type("2t314")  # as a practised annotator types: no pause between keys
     page.keyboard.press("Enter")
-    expect(page.get_by_text("Saved your ranking.")).to_be_visible(timeout=3_000)
+    expect(page.get_by_text("Saved your ranking.")).to_be_visible(timeout=10_000)
     _expect_group(page, seeded, 1, done=1)
     gid, cids = seeded.group_ids[0], seeded.candidate_ids[0]
     ids = letter_ids("kim", gid, cids)
