@@ -218,6 +218,17 @@ MIGRATIONS: list[str] = [
     ALTER TABLE model_versions ADD COLUMN promoted BOOLEAN DEFAULT true;
     ALTER TABLE model_versions ADD COLUMN kind VARCHAR DEFAULT 'policy';
     """,
+    # 6: judges the operator registered (the only ones the web app may run), and the client a
+    # sign-in attempt came from (throttling by client as well as by name).
+    """
+    CREATE TABLE judges (
+        name VARCHAR PRIMARY KEY,
+        spec VARCHAR NOT NULL,
+        author VARCHAR,
+        created TIMESTAMP DEFAULT current_timestamp
+    );
+    ALTER TABLE login_attempts ADD COLUMN client VARCHAR;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
