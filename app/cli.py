@@ -338,6 +338,7 @@ def cmd_list(what: str):
             elif what == "datasets":
                 df = datasets.list_datasets(con)
             else:
+                runs.record_dead(con)
                 df = runs.list_runs(con)
             if what == "models":
                 base = models.base_model(con)
@@ -676,7 +677,10 @@ def build_parser() -> argparse.ArgumentParser:
         grp = sub.add_parser(name, help=f"list {what}").add_subparsers(
             dest="sub", required=True, metavar="SUBCOMMAND"
         )
-        p = add("list", cmd_list(what), f"list {what}", grp)
+        what_help = f"list {what}"
+        if name == "runs":
+            what_help += " (jobs); a running job whose process is gone is recorded as failed"
+        p = add("list", cmd_list(what), what_help, grp)
         p.add_argument("--json", action="store_true")
         if name == "models":
             p = add(

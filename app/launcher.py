@@ -213,7 +213,7 @@ def launched_jobs(ws: storedb.Workspace, limit: int = 20) -> list[LaunchedJob]:
 def find_log(ws: storedb.Workspace, pid: int | None, log_path: str | None = None) -> Path | None:
     """The log of a run: its recorded log path, else the newest web-app log of its process id."""
     if log_path:
-        path = ws.path(log_path)
+        path = ws.resolve_stored(log_path, f"the log of the run in process {pid}")
         return path if path.exists() else None
     if pid is None:
         return None

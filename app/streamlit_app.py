@@ -318,7 +318,11 @@ def jobs_view(ws: storedb.Workspace) -> None:
         _metric_charts(metrics)
         with st.expander("Run config"):
             st.json(row["config"])
-        log_path = launcher.find_log(ws, row["pid"], row["log_path"])
+        try:
+            log_path = launcher.find_log(ws, row["pid"], row["log_path"])
+        except PrefloopError as exc:
+            st.error(str(exc))
+            log_path = None
         if log_path is not None:
             st.caption(f"Log: {log_path}")
             st.code(

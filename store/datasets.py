@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+from pathlib import Path
 
 import duckdb
 import pandas as pd
@@ -209,9 +210,14 @@ def read_groups(ws: Workspace, info: dict) -> list[TrainingGroup]:
     return training_groups(read_snapshot(ws, info))
 
 
+def snapshot_path(ws: Workspace, info: dict) -> Path:
+    """The snapshot file of a dataset version's row, refused if it is outside the workspace."""
+    return ws.resolve_stored(info["path"], f"the snapshot of dataset {info['id']}")
+
+
 def read_snapshot(ws: Workspace, info: dict) -> pd.DataFrame:
     """A dataset version's rows, checked against its content hash."""
-    path = ws.path(info["path"])
+    path = snapshot_path(ws, info)
     if not path.exists():
         raise PrefloopError(f"snapshot file {path} of dataset {info['id']} is missing")
     rows = pd.read_parquet(path)

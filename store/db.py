@@ -247,9 +247,20 @@ class Workspace:
     def artifacts(self) -> Path:
         return self.root / "artifacts"
 
-    def path(self, relative: str) -> Path:
-        """Absolute path of a workspace-relative path stored in the database."""
-        return self.root / relative
+    def resolve_stored(self, stored: str, record: str) -> Path:
+        """Absolute path of a path stored in the database (record names its owner, e.g. "the
+        snapshot of dataset d1"); one that leads outside the workspace is refused."""
+        root = self.root.resolve()
+        # resolve() follows symbolic links, so a link inside the workspace to a file outside it
+        # is refused like an absolute or ../ path
+        resolved = (root / stored).resolve()
+        if not resolved.is_relative_to(root):
+            raise PrefloopError(
+                f"{record} is stored as {stored!r}, which is {resolved}, outside the workspace "
+                f"{root}; prefloop reads and writes only inside its workspace, so the database "
+                "was changed outside prefloop: restore the workspace from a backup"
+            )
+        return resolved
 
     def relative(self, path: Path) -> str:
         """Workspace-relative form of an absolute path, for storing."""

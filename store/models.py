@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 from pathlib import Path
 
 import duckdb
 import pandas as pd
 
+from store import runs
 from store.db import Workspace, get_meta
 from store.errors import PrefloopError
 
 BASE = "base"
+# written into an adapter folder just before it is moved into place: which process and run are
+# registering it, so a folder whose registration was killed can be told from one in progress
+MARKER = "prefloop-run.json"
 
 
 def base_model(con: duckdb.DuckDBPyConnection) -> str:
@@ -86,6 +92,52 @@ def promote(con: duckdb.DuckDBPyConnection, version: str, force: bool = False) -
     return gate
 
 
+def adapter_dir(ws: Workspace, info: dict) -> Path:
+    """The adapter folder of a model version's row, refused if it is outside the workspace."""
+    return ws.resolve_stored(info["adapter_path"], f"the adapter of model version {info['id']}")
+
+
+def _registering(con: duckdb.DuckDBPyConnection, folder: Path) -> bool:
+    """Whether a live process is registering this adapter folder right now."""
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(marker, dict) or not runs.process_alive(
+        marker.get("pid"), marker.get("host")
+    ):
+        return False
+    run_id = marker.get("run_id")
+    if run_id is None:
+        return True
+    row = con.execute("SELECT status FROM runs WHERE id = ?", [run_id]).fetchone()
+    return row is not None and row[0] == "running"
+
+
+def set_aside_orphans(ws: Workspace, con: duckdb.DuckDBPyConnection) -> list[tuple[str, Path]]:
+    """Move adapter folders that no model version records (a run killed between moving its
+    adapter into place and recording it) to artifacts/orphans/; returns (name, new place)."""
+    folder = ws.artifacts / "adapters"
+    if not folder.is_dir():
+        return []
+    known = {str(r[0]) for r in con.execute("SELECT id FROM model_versions").fetchall()}
+    moved = []
+    for path in sorted(folder.iterdir()):
+        if not (path.is_dir() and re.fullmatch(r"v\d+", path.name)) or path.name in known:
+            continue
+        if _registering(con, path):
+            continue
+        orphans = ws.artifacts / "orphans"
+        orphans.mkdir(parents=True, exist_ok=True)
+        target, n = orphans / path.name, 1
+        while target.exists():
+            n += 1
+            target = orphans / f"{path.name}-{n}"
+        os.replace(path, target)
+        moved.append((path.name, target))
+    return moved
+
+
 def register_version(
     ws: Workspace,
     con: duckdb.DuckDBPyConnection,
@@ -99,12 +151,15 @@ def register_version(
     promoted: bool = True,
 ) -> str:
     """Move a complete adapter folder into place and record it as the next version."""
+    set_aside_orphans(ws, con)  # so that numbering continues without a gap
     n = con.execute("SELECT count(*) FROM model_versions").fetchone()[0]
     version = f"v{n + 1}"
     while (ws.artifacts / "adapters" / version).exists():
         n += 1
         version = f"v{n + 1}"
     target = ws.artifacts / "adapters" / version
+    marker = {"pid": os.getpid(), "host": socket.gethostname(), "run_id": run_id}
+    (Path(staged_dir) / MARKER).write_text(json.dumps(marker))
     os.replace(staged_dir, target)
     try:
         con.execute(

@@ -65,7 +65,8 @@ def fail_run(con: duckdb.DuckDBPyConnection, run_id: int, error: str) -> None:
     )
 
 
-def _alive(pid: int | None, host: str | None) -> bool:
+def process_alive(pid: int | None, host: str | None) -> bool:
+    """Whether a job's process may still run (one on another host is assumed to)."""
     if pid is None or host != socket.gethostname():
         return True
     try:
@@ -77,6 +78,23 @@ def _alive(pid: int | None, host: str | None) -> bool:
     return True
 
 
+def record_dead(con: duckdb.DuckDBPyConnection) -> list[int]:
+    """Record as failed the running jobs whose process is gone (killed or crashed); returns
+    their ids."""
+    rows = con.execute("SELECT id, pid, host FROM runs WHERE status = 'running'").fetchall()
+    dead = []
+    for run_id, pid, host in rows:
+        if process_alive(pid, host):
+            continue
+        con.execute(
+            "UPDATE runs SET status = 'failed', finished = current_timestamp, error = ? "
+            "WHERE id = ?",
+            [f"the job's process {pid} is gone: it was killed or crashed", run_id],
+        )
+        dead.append(int(run_id))
+    return dead
+
+
 def list_runs(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
     """Jobs, newest first; a running job whose process died is reported failed."""
     df = con.execute(
@@ -86,7 +104,7 @@ def list_runs(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
     ).df()
     for i, row in df.iterrows():
         if row["status"] == "running" and (
-            not _alive(row["pid"], row["host"]) or row["idle_s"] > STALE_AFTER_S
+            not process_alive(row["pid"], row["host"]) or row["idle_s"] > STALE_AFTER_S
         ):
             df.at[i, "status"] = "failed"
             df.at[i, "error"] = "the job stopped without reporting (killed or crashed)"

@@ -286,7 +286,7 @@ def test_rank_only_versions_hash_as_before_and_old_snapshots_still_read(ws) -> N
     assert rows["thumbs"].isna().all()
     old = rows.drop(columns=["thumbs"])
     assert datasets.content_hash(old) == info["content_hash"]  # no thumbs: the pre-thumbs hash
-    old.to_parquet(ws.path(info["path"]), index=False)  # a snapshot frozen before thumbs
+    old.to_parquet(datasets.snapshot_path(ws, info), index=False)  # a snapshot frozen before thumbs
     again = datasets.read_snapshot(ws, info)
     assert again["thumbs"].isna().all() and len(again) == 2
     assert freeze_versions(ws).train == version  # same content, same version

@@ -150,7 +150,8 @@ def _load_policy(ws: storedb.Workspace, version: str):
         base = models.base_model(con)
         info = models.get_version(con, version)
     tok = load_tokenizer(base)
-    model = load_version(base, ws.path(info["adapter_path"]) if info else None)
+    adapter = models.adapter_dir(ws, info) if info else None
+    model = load_version(base, adapter)
     return model, tok, info is not None
 
 

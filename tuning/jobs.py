@@ -56,7 +56,7 @@ def _train(
 ):
     """Run the method's training loop on a dataset version; returns its TrainResult."""
     rows = datasets.read_groups(ws, info)
-    init = ws.path(parent["adapter_path"]) if parent else None
+    init = models.adapter_dir(ws, parent) if parent else None
     common = dict(
         init_adapter=init,
         on_step=on_step,
@@ -68,7 +68,12 @@ def _train(
 
         with storedb.connect(ws) as con:
             versions = models.list_versions(con)
-        adapters = {str(v.id): ws.path(v.adapter_path) for v in versions.itertuples()}
+        sampled_by = {g.model_version for g in rows}  # only the adapters these groups need
+        adapters = {
+            str(v["id"]): models.adapter_dir(ws, v)
+            for v in versions.to_dict("records")
+            if v["id"] in sampled_by
+        }
         return train_grpo(base, rows, cfg, out_dir, adapters=adapters, **common)
     from tuning.dpo import train_dpo
 
@@ -85,7 +90,13 @@ def _train(
                 "--split heldout first"
             )
     return train_dpo(
-        base, rows, cfg, out_dir, ref_cache=ws.path(info["path"]), heldout_rows=heldout, **common
+        base,
+        rows,
+        cfg,
+        out_dir,
+        ref_cache=datasets.snapshot_path(ws, info),
+        heldout_rows=heldout,
+        **common,
     )
 
 
@@ -117,6 +128,7 @@ def sample_job(
     from tuning.sampling import sample_round
 
     with storedb.connect(ws) as con:
+        runs.record_dead(con)
         if not version:
             version = models.default_version(con)
             note = gate_note(con, version)
@@ -141,6 +153,7 @@ def eval_job(ws: storedb.Workspace, version: str, cfg) -> dict:
     from tuning.evaluation import evaluate
 
     with storedb.connect(ws) as con:
+        runs.record_dead(con)
         models.get_version(con, version)
         run_id = runs.start_run(con, "eval", {**asdict(cfg), "model_version": version})
     try:
@@ -276,9 +289,17 @@ def tune_job(
         )
         return ""
     with storedb.connect(ws) as con:
+        runs.record_dead(con)
+        orphans = models.set_aside_orphans(ws, con)
         running = runs.list_runs(con).query("status == 'running'")["id"].tolist()
         run_id = runs.start_run(con, "tune", config)
     _remove_stale_staging(ws, running)
+    for name, place in orphans:
+        print(
+            f"moved {name}, an adapter folder that no model version records (a killed run's), "
+            f"to {place}",
+            file=sys.stderr,
+        )
     run_dir = ws.artifacts / "runs" / str(run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))

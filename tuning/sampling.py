@@ -45,7 +45,7 @@ def sample_round(
         todo = todo.head(cfg.limit)
     limit_threads()
     tokenizer = load_tokenizer(base)
-    adapter = ws.path(info["adapter_path"]) if info else None
+    adapter = models.adapter_dir(ws, info) if info else None
     model = load_version(base, adapter)
     generator = HFGenerator(model, tokenizer)
     records = todo.to_dict("records")
