@@ -151,7 +151,10 @@ def cmd_groups_import(args: argparse.Namespace) -> None:
     from labeling.ingest import import_ranked_groups
 
     round_id, report = import_ranked_groups(_ws(args), Path(args.file), args.split)
-    print(f"imported {report.stored} ranked groups as round {round_id}")
+    print(
+        f"imported {report.stored} ranked groups as round {round_id}; "
+        f"skipped {report.duplicates} duplicate rows"
+    )
 
 
 def cmd_pairs_import(args: argparse.Namespace) -> None:
@@ -159,6 +162,8 @@ def cmd_pairs_import(args: argparse.Namespace) -> None:
 
     round_id, report = import_pairs(_ws(args), Path(args.file), args.split)
     print(f"imported {report.stored} pairs as groups of two in round {round_id}")
+    if report.duplicates:
+        print(f"  skipped {report.duplicates} duplicate rows")
     for reason, n in sorted(report.skipped.items()):
         print(f"  skipped {n} rows: {reason}")
 
@@ -564,7 +569,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--round", type=int, help="round id (default: newest)")
     p.add_argument("--pending", action="store_true", help="only groups nobody has labelled")
     p.add_argument("--out", required=True, metavar="FILE.jsonl")
-    p = add("import", cmd_groups_import, "import ranked lists (prompt, completions, ranks)", groups)
+    p = add(
+        "import",
+        cmd_groups_import,
+        "import ranked lists (prompt, completions, ranks); repeated rows are skipped",
+        groups,
+    )
     p.add_argument("file")
     p.add_argument("--split", default="train", choices=["train", "heldout"])
 
@@ -580,7 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "import",
         cmd_pairs_import,
-        "import TRL-format pairs or Anthropic HH-RLHF files as groups of two",
+        "import TRL-format pairs or Anthropic HH-RLHF files as groups of two; repeated rows "
+        "and rows without a prompt and two answers are skipped and counted",
         pairs,
     )
     p.add_argument("file")
@@ -767,6 +778,20 @@ def _terminated(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run one subcommand; user errors print without a traceback."""
+    try:
+        return _run(argv)
+    except BrokenPipeError:
+        # the reader left (`prefloop … | head`): stop quietly, as a process killed by SIGPIPE
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # so the flush at exit fails no more
+        except (OSError, ValueError):
+            pass  # stdout is not a file (in-process tests)
+        return 141
+
+
+def _run(argv: list[str] | None) -> int:
+    """Parse the command line and run its subcommand; return the exit status."""
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter
     if threading.current_thread() is threading.main_thread():
@@ -774,6 +799,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _terminated)
     try:
         args.func(args)
+        sys.stdout.flush()
     except PrefloopError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -10,12 +10,31 @@ import sys
 from store.errors import PrefloopError
 
 
+def _not_utf8(where: str) -> PrefloopError:
+    return PrefloopError(
+        f"the password {where} is not UTF-8 text; give it as UTF-8 (nothing was changed)"
+    )
+
+
+def _utf8(password: str, where: str) -> str:
+    """The password, unless it holds bytes that were not UTF-8 (decoded as lone surrogates)."""
+    try:
+        password.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _not_utf8(where) from None
+    return password
+
+
 def _password(args: argparse.Namespace) -> str:
     """The password from --password-stdin, $PREFLOOP_PASSWORD, or an interactive prompt."""
     if args.password_stdin:
-        return sys.stdin.readline().rstrip("\n")
+        try:
+            line = sys.stdin.readline()
+        except UnicodeDecodeError:
+            raise _not_utf8("on standard input") from None
+        return _utf8(line.rstrip("\n"), "on standard input")
     if os.environ.get("PREFLOOP_PASSWORD"):
-        return os.environ["PREFLOOP_PASSWORD"]
+        return _utf8(os.environ["PREFLOOP_PASSWORD"], "in $PREFLOOP_PASSWORD")
     if not sys.stdin.isatty():
         raise PrefloopError(
             "no password given: pipe it with --password-stdin or set PREFLOOP_PASSWORD "
@@ -24,7 +43,7 @@ def _password(args: argparse.Namespace) -> str:
     first = getpass.getpass("Password: ")
     if getpass.getpass("Repeat password: ") != first:
         raise PrefloopError("the two passwords differ; nothing was changed")
-    return first
+    return _utf8(first, "typed")
 
 
 def cmd_users_add(args: argparse.Namespace) -> None:

@@ -6,7 +6,14 @@ from pathlib import Path
 
 from store import db as storedb
 from store import labels, prompts, rounds
-from store.files import read_labels, read_pairs, read_prompts, read_ranked_groups
+from store.errors import PrefloopError
+from store.files import (
+    normalize_prompt,
+    read_labels,
+    read_pairs,
+    read_prompts,
+    read_ranked_groups,
+)
 from store.records import ImportedGroup, ImportReport, LabelRecord
 from store.rounds import CandidateRecord
 
@@ -24,6 +31,27 @@ def import_labels(ws: storedb.Workspace, path: Path) -> int:
     records = read_labels(path)
     with storedb.connect(ws) as con:
         return labels.add_labels(con, records, source=str(path))
+
+
+def drop_duplicate_groups(groups: list[ImportedGroup]) -> tuple[list[ImportedGroup], int]:
+    """The groups without repeats of an earlier one, and how many were dropped.
+
+    A repeat has the same prompt and the same completions in the same order of preference, up to
+    whitespace and the order the completions are listed in; the same completions ranked
+    otherwise are a different opinion and are kept.
+    """
+    seen: set[tuple] = set()
+    kept: list[ImportedGroup] = []
+    for g in groups:
+        texts = [" ".join(c.split()) for c in g.completions]
+        key = (
+            normalize_prompt(g.prompt),
+            tuple(tuple(sorted(texts[i] for i in tier)) for tier in g.ranking),
+        )
+        if key not in seen:
+            seen.add(key)
+            kept.append(g)
+    return kept, len(groups) - len(kept)
 
 
 def store_groups(
@@ -56,18 +84,33 @@ def store_groups(
 def import_ranked_groups(
     ws: storedb.Workspace, path: Path, split: str = "train"
 ) -> tuple[int | None, ImportReport]:
-    """Import listwise ranked groups (the listwise export's format) as a new round."""
+    """Import listwise ranked groups (the listwise export's format) as a new round.
+
+    Rows repeating an earlier row of the file are skipped and counted as duplicates.
+    """
     prompts.check_split(split)
-    groups = read_ranked_groups(path)
+    groups, duplicates = drop_duplicate_groups(read_ranked_groups(path))
     round_id, n = store_groups(ws, groups, Path(path).name, split)
-    return round_id, ImportReport(stored=n)
+    return round_id, ImportReport(stored=n, duplicates=duplicates)
 
 
 def import_pairs(
     ws: storedb.Workspace, path: Path, split: str = "train"
 ) -> tuple[int | None, ImportReport]:
-    """Import TRL-format or HH-RLHF pairs as groups of two with one ranking."""
+    """Import TRL-format or HH-RLHF pairs as groups of two with one ranking.
+
+    Rows repeating an earlier row of the file are skipped and counted as duplicates; a file
+    with no usable row is refused and nothing is stored.
+    """
     prompts.check_split(split)
     groups, report = read_pairs(path)
+    if not groups:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(report.skipped.items()))
+        raise PrefloopError(
+            f"{path}: none of the {report.extra['rows']} rows is a usable pair (skipped: "
+            f"{reasons}); nothing was imported. Each row needs a prompt and two non-empty "
+            "final assistant answers (see the README's file formats)"
+        )
+    groups, report.duplicates = drop_duplicate_groups(groups)
     round_id, report.stored = store_groups(ws, groups, Path(path).name, split)
     return round_id, report

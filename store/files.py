@@ -3,7 +3,8 @@
 Every reader validates the whole file before returning anything: the first malformed row aborts
 the read with ``PrefloopError("<path>:<line>: <what is wrong; what to do>")``. Line numbers are
 1-based physical lines (JSONL, JSONL.gz; in CSV the header is line 1). Parquet rows are reported
-as ``<path>: row <n>``.
+as ``<path>: row <n>``. A JSON row nested deeper than ``MAX_JSON_DEPTH`` levels and a prompt,
+message or completion longer than ``MAX_TEXT_CHARS`` characters are malformed rows too.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ _JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 _GZ_SUFFIXES = tuple(s + ".gz" for s in _JSONL_SUFFIXES)
 _PARQUET_SUFFIXES = (".parquet",)
 _CSV_SUFFIXES = (".csv",)
+
+# Limits on one row, so a hostile or broken file is refused with FILE:LINE instead of exhausting
+# Python's stack (deep JSON) or the tokenizer later (a 50 MB prompt).
+MAX_JSON_DEPTH = 100  # nesting levels of one JSON row, the row object itself being level 1
+MAX_TEXT_CHARS = 100_000  # characters of one prompt, message or completion
 
 # An HH-RLHF turn marker: a blank line, then "Human:" or "Assistant:".
 _HH_MARKER = re.compile(r"\n\n(Human|Assistant):")
@@ -115,6 +121,24 @@ def _rows(
         raise PrefloopError(f"{shown}: the file has no rows; add at least one")
 
 
+_TOO_DEEP = (
+    f"the JSON is nested deeper than {MAX_JSON_DEPTH} levels; a row needs only a few levels, "
+    "flatten or remove the deep field"
+)
+
+
+def _too_deep(value: Any) -> bool:
+    """Whether a parsed JSON row nests lists/objects deeper than MAX_JSON_DEPTH levels."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        if depth > MAX_JSON_DEPTH:
+            return True
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
+
+
 def _column_hint(found: list[str], columns: tuple[str, ...]) -> str:
     want = " or ".join(f"'{c}'" for c in columns)
     return f"needs a {want} column; found columns {found}"
@@ -136,6 +160,8 @@ def _jsonl_rows(p: Path, shown: str, *, gz: bool) -> Iterator[tuple[_Loc, dict[s
                     continue
                 try:
                     row = json.loads(text)
+                except RecursionError:
+                    raise loc.fail(_TOO_DEEP) from None
                 except json.JSONDecodeError as exc:
                     hint = "each line must be one JSON object"
                     if n == 1 and text.lstrip().startswith("["):
@@ -148,6 +174,8 @@ def _jsonl_rows(p: Path, shown: str, *, gz: bool) -> Iterator[tuple[_Loc, dict[s
                         f"expected a JSON object, got {_type_name(row)}; "
                         "each line must be one JSON object"
                     )
+                if _too_deep(row):
+                    raise loc.fail(_TOO_DEEP)
                 yield loc, row
     except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
         raise PrefloopError(
@@ -171,6 +199,11 @@ def _csv_rows(p: Path, shown: str, keep: tuple[str, ...]) -> Iterator[tuple[_Loc
             except UnicodeDecodeError as exc:
                 raise loc.fail("not UTF-8 text; save the file as UTF-8") from exc
             except csv.Error as exc:
+                if "field larger than field limit" in str(exc):
+                    raise loc.fail(
+                        f"a field has more than {csv.field_size_limit():,} characters; "
+                        f"a prompt may have at most {MAX_TEXT_CHARS:,} characters"
+                    ) from None
                 raise loc.fail(f"not valid CSV ({exc}); check the quoting") from exc
             start = reader.line_num + 1
             if not any(f.strip() for f in fields):
@@ -234,6 +267,24 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _sized(text: str, loc: _Loc, where: str) -> str:
+    """The text, unless it is longer than MAX_TEXT_CHARS (then the row is refused)."""
+    if len(text) > MAX_TEXT_CHARS:
+        raise loc.fail(
+            f"{where} has {len(text):,} characters, more than the limit of {MAX_TEXT_CHARS:,} "
+            "characters; shorten it or leave the row out"
+        )
+    return text
+
+
+def _sized_prompt(record: PromptRecord, loc: _Loc) -> PromptRecord:
+    """The prompt, unless its text or one of its messages is over MAX_TEXT_CHARS."""
+    _sized(record.text, loc, "the prompt")
+    for i, msg in enumerate(record.messages or []):
+        _sized(msg["content"], loc, f"message {i} of the prompt")
+    return record
+
+
 def _messages(value: Any, loc: _Loc, field_name: str) -> Messages:
     """Validate a list of chat messages; return them as plain {role, content} dicts."""
     if not isinstance(value, (list, tuple)) or not value:
@@ -251,6 +302,7 @@ def _messages(value: Any, loc: _Loc, field_name: str) -> Messages:
             raise loc.fail(f"{where} has role {role!r}; use one of {', '.join(ROLES)}")
         if not isinstance(content, str):
             raise loc.fail(f"{where}.content must be a string, got {_type_name(content)}")
+        _sized(content, loc, f"{where}.content")
         out.append({"role": role, "content": content})
     return out
 
@@ -265,6 +317,7 @@ def _prompt_from_row(row: dict[str, Any], loc: _Loc) -> PromptRecord:
     if isinstance(prompt, str):
         if not prompt.strip():
             raise loc.fail("'prompt' is empty; give the prompt text or remove the row")
+        _sized(prompt, loc, "'prompt'")
         return PromptRecord(text=prompt, messages=None, line=loc.line)
     key = "prompt" if prompt is not None else "messages"
     value = prompt if prompt is not None else messages
@@ -407,6 +460,7 @@ def read_ranked_groups(path: PathLike) -> list[ImportedGroup]:
         for i, c in enumerate(completions):
             if not isinstance(c, str) or not c.strip():
                 raise loc.fail(f"'completions'[{i}] must be a non-empty string")
+            _sized(c, loc, f"'completions'[{i}]")
         ranks = row.get("ranks")
         if not isinstance(ranks, (list, tuple)) or len(ranks) != len(completions):
             raise loc.fail(
@@ -594,6 +648,9 @@ def read_pairs(path: PathLike) -> tuple[list[ImportedGroup], ImportReport]:
             reason = str(skip.args[0])
             report.skipped[reason] = report.skipped.get(reason, 0) + 1
             continue
+        _sized_prompt(prompt, loc)
+        _sized(chosen, loc, "the chosen completion")
+        _sized(rejected, loc, "the rejected completion")
         shapes[shape] = shapes.get(shape, 0) + 1
         tie = _same_text(chosen, rejected)
         ties += tie
@@ -612,6 +669,8 @@ def read_pairs(path: PathLike) -> tuple[list[ImportedGroup], ImportReport]:
 
 __all__ = [
     "LABEL_FLAGS",
+    "MAX_JSON_DEPTH",
+    "MAX_TEXT_CHARS",
     "ROLES",
     "normalize_prompt",
     "ranks_to_tiers",
