@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from labeling import annotation
+from labeling import annotation, judges
 from store import db as storedb
 from store import labels, rounds, suggestions, users
 from store.access import User, require
@@ -160,7 +160,32 @@ def start_job(ws: storedb.Workspace, user: User, args: list[str]) -> tuple[int, 
     require(user, "start_jobs")
     if not args or args[0] not in ("sample", "tune", "eval", "judge"):
         raise PrefloopError(f"not a job the web app starts: {args[:1]}")
+    for judge in _judge_values(args):
+        judges.require_web_judge(ws, judge)
     return launcher.start_job(ws, args)
+
+
+def _judge_values(args: list[str]) -> list[str]:
+    """Every value given to --judge in args, abbreviated (--jud) or joined (--judge=x) too."""
+    values = []
+    for i, arg in enumerate(args):
+        flag, eq, value = arg.partition("=")
+        if len(flag) < 4 or not "--judge".startswith(flag):
+            continue
+        if eq:
+            values.append(value)
+        elif i + 1 < len(args):
+            values.append(args[i + 1])
+    return values
+
+
+def registered_judges(ws: storedb.Workspace, user: User) -> pd.DataFrame:
+    """The judges the operator registered (name, spec, author, created): the web app runs these."""
+    from store import judges as registry
+
+    require(user, "view_research")
+    with storedb.connect(ws) as con:
+        return registry.list_judges(con)
 
 
 def promote_version(ws: storedb.Workspace, user: User, version: str, force: bool = False) -> dict:

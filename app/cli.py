@@ -737,7 +737,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--judge",
         default="llm",
         help="llm (a local model with a rubric, both orders), human (an A/B round in "
-        "the annotator queue) or module:function (a programmatic judge)",
+        "the annotator queue), a registered judge's NAME (`prefloop judges list`) or "
+        "module:function (a programmatic judge, installed or on PYTHONPATH)",
     )
     p.add_argument("--judge-model", help="the LLM judge's model (default: the default model)")
     p.add_argument("--rubric", help="the LLM judge's rubric (system prompt)")

@@ -1,4 +1,5 @@
-"""`prefloop judge ROUND`: a judge pre-ranks a round's groups as suggestions for annotators."""
+"""`prefloop judge ROUND`: a judge pre-ranks a round's groups as suggestions for annotators;
+`prefloop judges`: the registry of programmatic judges the web app may run."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ SHOW = {"on": True, "off": False}
 
 def _load(args: argparse.Namespace, ws):
     """The judge and the name its suggestions are stored under."""
+    from labeling.judges import resolve_judge
     from labeling.suggest import load_suggestion_judge
 
     if args.judge == "llm":
@@ -25,7 +27,7 @@ def _load(args: argparse.Namespace, ws):
         return load_judge(ws, cfg), f"llm:{args.judge_model or DEFAULT_MODEL}"
     if args.judge_model or args.rubric:
         raise PrefloopError("--judge-model and --rubric apply to --judge llm only")
-    return load_suggestion_judge(args.judge), args.judge
+    return load_suggestion_judge(resolve_judge(ws, args.judge)), args.judge
 
 
 def cmd_judge(args: argparse.Namespace) -> None:
@@ -72,8 +74,67 @@ def cmd_judge_show(args: argparse.Namespace) -> None:
     _print_table(df, args.json)
 
 
+def cmd_judges_add(args: argparse.Namespace) -> None:
+    from app.cli import _ws
+    from app.cli_queue import _whoami
+    from labeling.judges import register_judge
+
+    kind = register_judge(_ws(args), args.name, args.spec, args.author or _whoami())
+    print(f"registered judge {args.name} = {args.spec} ({kind}); the web app may run it now")
+
+
+def cmd_judges_list(args: argparse.Namespace) -> None:
+    from app.cli import _print_table, _ws
+    from store import db, judges
+
+    with db.connect(_ws(args)) as con:
+        _print_table(judges.list_judges(con), args.json)
+
+
+def cmd_judges_remove(args: argparse.Namespace) -> None:
+    from app.cli import _ws
+    from store import db, judges
+
+    with db.connect(_ws(args)) as con:
+        judges.remove_judge(con, args.name)
+    print(f"removed judge {args.name}; what it stored stays")
+
+
+JUDGE_HELP = (
+    "a registered judge's NAME (`prefloop judges list`), llm (a local model comparing every "
+    "pair in both orders), or module:function: a scorer f(prompt, completion) -> float or a "
+    "pairwise judge f(prompt, a, b) -> 'a'|'b'|'tie', imported as installed or from "
+    "PYTHONPATH (never from the current directory)"
+)
+
+
+def _register_judges(sub, add) -> None:
+    grp = sub.add_parser(
+        "judges",
+        help="the programmatic judges the web app may run (registered by the operator)",
+    ).add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
+    p = add(
+        "add",
+        cmd_judges_add,
+        "register module:function under NAME, after checking that it imports and takes "
+        "(prompt, completion) or (prompt, a, b); the module must be installed or on PYTHONPATH",
+        grp,
+    )
+    p.add_argument(
+        "name",
+        metavar="NAME",
+        help="lower-case letters, digits, _ or - (at most 32); not llm, human or rm:…",
+    )
+    p.add_argument("spec", metavar="module:function", help="the judge function")
+    p.add_argument("--author", help="who registered it (default: your login name)")
+    p = add("list", cmd_judges_list, "list registered judges", grp)
+    p.add_argument("--json", action="store_true")
+    p = add("remove", cmd_judges_remove, "unregister a judge (its stored results stay)", grp)
+    p.add_argument("name", metavar="NAME")
+
+
 def register(sub, add) -> None:
-    """Add `prefloop judge` and `prefloop suggestions list` to the parser."""
+    """Add `prefloop judge`, `prefloop judges` and `prefloop suggestions list` to the parser."""
     p = add(
         "judge",
         cmd_judge,
@@ -83,9 +144,8 @@ def register(sub, add) -> None:
     p.add_argument(
         "--judge",
         required=True,
-        metavar="module:function|llm",
-        help="a scorer f(prompt, completion) -> float, a pairwise judge f(prompt, a, b) -> "
-        "'a'|'b'|'tie', or llm (a local model comparing every pair in both orders)",
+        metavar="NAME|llm|module:function",
+        help=JUDGE_HELP,
     )
     p.add_argument("--judge-model", help="the LLM judge's model (default: the default model)")
     p.add_argument("--rubric", help="the LLM judge's rubric (system prompt)")
@@ -115,3 +175,4 @@ def register(sub, add) -> None:
     p = add("list", cmd_judge_show, "list a round's judge suggestions", grp)
     p.add_argument("--round", type=int, required=True)
     p.add_argument("--json", action="store_true")
+    _register_judges(sub, add)

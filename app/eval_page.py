@@ -22,6 +22,7 @@ GUARDED = ["guarded_win_rate", "guarded_low", "guarded_high", "guarded_wins", "g
 
 
 def _eval_form(ws: storedb.Workspace, version_ids: list[str]) -> None:
+    registered = list(actions.registered_judges(ws, st.session_state["user"])["name"])
     with st.form("eval_form"):
         st.markdown("**Evaluate a model version**")
         choices = ["base", *version_ids]
@@ -29,9 +30,19 @@ def _eval_form(ws: storedb.Workspace, version_ids: list[str]) -> None:
         version = c1.selectbox("Version", list(reversed(choices)), key="eval_version")
         against = c2.selectbox("Against", choices, key="eval_against")
         judge_kind = st.radio(
-            "Judge", ["LLM judge", "Human A/B round", "Programmatic"], horizontal=True
+            "Judge", ["LLM judge", "Human A/B round", "Registered judge"], horizontal=True
         )
-        spec = st.text_input("Programmatic judge (module:function)", key="eval_spec")
+        picked = st.selectbox(
+            "Registered judge (programmatic, registered by the operator)",
+            registered,
+            index=0 if registered else None,
+            key="eval_registered",
+        )
+        if not registered:
+            st.caption(
+                "No programmatic judge is registered. The operator registers one on the "
+                "command line: `prefloop judges add NAME module:function`."
+            )
         c3, c4, c5 = st.columns(3)
         split = c3.selectbox("Prompts", SPLITS, index=SPLITS.index("heldout"))
         limit = c4.number_input("Limit (0 = all)", min_value=0, value=0)
@@ -41,9 +52,12 @@ def _eval_form(ws: storedb.Workspace, version_ids: list[str]) -> None:
         seed = c7.number_input("Seed", min_value=0, value=1234)
         if not st.form_submit_button("Start evaluation"):
             return
-    judge = {"LLM judge": "llm", "Human A/B round": "human"}.get(judge_kind, spec.strip())
+    judge = {"LLM judge": "llm", "Human A/B round": "human"}.get(judge_kind, picked)
     if not judge:
-        st.error("Enter the programmatic judge as module:function.")
+        st.error(
+            "No registered judge to pick; register one with "
+            "`prefloop judges add NAME module:function`."
+        )
         return
     if version == against:
         st.error("Pick two different versions.")

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from labeling.judges import REGISTERED_ONLY_ENV
 from store import db as storedb
 from store.errors import PrefloopError
 from tuning.config import DPOConfig, GRPOConfig, SamplingConfig
@@ -111,6 +112,7 @@ def start_job(ws: storedb.Workspace, args: list[str]) -> tuple[int, Path]:
         "PREFLOOP_WORKSPACE": str(ws.root),
         "PYTHONUNBUFFERED": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        REGISTERED_ONLY_ENV: "1",  # the job itself refuses a judge the operator did not register
         "PYTHONPATH": os.pathsep.join(
             p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p
         ),

@@ -187,18 +187,23 @@ def _gold(ws: storedb.Workspace, user: User, round_id: int) -> None:
 
 
 def _judge(ws: storedb.Workspace, user: User, round_id: int) -> None:
+    registered = actions.registered_judges(ws, user)
     with st.form(f"judge_{round_id}"):
         st.subheader("Judge suggestions")
-        st.text_input(
-            "Judge: llm, or module:function (a scorer f(prompt, completion) or a pairwise "
-            "judge f(prompt, a, b))",
-            value="llm",
-            key="judge_spec",
+        st.selectbox(
+            "Judge: llm, or a programmatic judge the operator registered",
+            ["llm", *registered["name"]],
+            key="judge_name",
         )
+        if registered.empty:
+            st.caption(
+                "No programmatic judge is registered. The operator registers one on the "
+                "command line: `prefloop judges add NAME module:function`."
+            )
         st.checkbox("Also label as annotator 'judge' (judge–human agreement)", key="judge_as")
         st.checkbox("Show the suggestions to annotators", key="judge_show")
         if st.form_submit_button("Start judging", key="judge_start"):
-            args = ["judge", str(round_id), "--judge", st.session_state["judge_spec"]]
+            args = ["judge", str(round_id), "--judge", st.session_state["judge_name"]]
             if st.session_state["judge_as"]:
                 args.append("--as-annotator")
             if st.session_state["judge_show"]:

@@ -94,7 +94,7 @@ def main() -> int:
     else:
         base_dir = Path(tempfile.mkdtemp(prefix="prefloop-winrate-"))
 
-    # The judge must import the way the CLI will import it (cwd on sys.path).
+    # The judge must import the way the CLI will (`python -m app.cli` from the repo root).
     check = subprocess.run(
         [
             sys.executable,

@@ -20,15 +20,13 @@ unless `--annotators` names it.
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import combinations
 
 from labeling.curation import JUDGE_ANNOTATOR
-from labeling.judges import load_programmatic_judge
+from labeling.judges import judge_function, load_programmatic_judge
 from store import db as storedb
 from store import labels, rounds, runs, suggestions
 from store.errors import PrefloopError
@@ -47,12 +45,8 @@ class Scorer:
 
 def load_suggestion_judge(spec: str) -> Scorer | Callable[[str, str, str], float]:
     """The judge "module:function" names: a Scorer for f(prompt, completion), else pairwise."""
-    pairwise = load_programmatic_judge(spec)  # validates the spec and the signature
-    module_name, _, func_name = spec.partition(":")
-    func = getattr(importlib.import_module(module_name), func_name)
-    if len(inspect.signature(func).parameters) == 2:
-        return Scorer(func)
-    return pairwise
+    func, kind = judge_function(spec)
+    return Scorer(func) if kind == "scorer" else load_programmatic_judge(spec)
 
 
 def judge_scores(judge, items: list[tuple[str, list[str]]]) -> list[list[float]]:

@@ -53,10 +53,13 @@ def test_evaluation_page_shows_winrate_drift_human_rounds_and_side_by_side(
     assert at.multiselect(key="eval_metric_pick").value  # the training run's metrics
 
 
-def test_evaluation_form_starts_a_job(tuned_ws, monkeypatch):  # noqa: F811
+def test_evaluation_form_starts_a_job_with_a_registered_judge(tuned_ws, capsys, monkeypatch):  # noqa: F811
+    cli(capsys, "judges", "add", "short", "tests.judges.length:shorter", "-w", tuned_ws)
     at = _open(monkeypatch, tuned_ws)
-    next(r for r in at.radio if "Programmatic" in r.options).set_value("Programmatic")
-    at.text_input(key="eval_spec").input("tests.judges.length:shorter")
+    assert not [t for t in at.text_input if t.key == "eval_spec"]  # no code typed into a form
+    assert at.selectbox(key="eval_registered").options == ["short"]
+    next(r for r in at.radio if "Registered judge" in r.options).set_value("Registered judge")
+    at.selectbox(key="eval_registered").set_value("short")
     at.number_input[0].set_value(2)  # limit
     at.number_input[1].set_value(1)  # samples per prompt
     at.number_input[2].set_value(6)  # max new tokens
@@ -70,5 +73,5 @@ def test_evaluation_form_starts_a_job(tuned_ws, monkeypatch):  # noqa: F811
         if not done.empty:
             break
         time.sleep(0.5)
-    assert done.iloc[0]["judge"] == "tests.judges.length:shorter"
+    assert done.iloc[0]["judge"] == "short"
     assert done.iloc[0]["metrics"]["n"] == 2

@@ -43,7 +43,7 @@ class EvalConfig:
     """What `prefloop eval` measures and how it samples."""
 
     against: str = "base"
-    judge: str = LLM  # "llm", "human" or "module:function"
+    judge: str = LLM  # "llm", "human", a registered judge's name or "module:function"
     judge_model: str | None = None  # the LLM judge's model (default: the default model)
     rubric: str | None = None
     split: str = "heldout"
@@ -86,8 +86,8 @@ def _by_prompt(con, round_id: int) -> dict[int, rounds.GroupRecord]:
 
 
 def load_judge(ws: storedb.Workspace, cfg: EvalConfig):
-    """The judge cfg names: a programmatic module:function or the LLM judge."""
-    from labeling.judges import DEFAULT_RUBRIC, load_programmatic_judge
+    """The judge cfg names: the LLM judge, a registered judge or a programmatic module:function."""
+    from labeling.judges import DEFAULT_RUBRIC, load_programmatic_judge, resolve_judge
     from tuning.llm_judge import LLMJudge
 
     if cfg.judge == LLM:
@@ -96,7 +96,7 @@ def load_judge(ws: storedb.Workspace, cfg: EvalConfig):
 
         name = cfg.judge_model or DEFAULT_MODEL
         return LLMJudge(load_base(name), load_tokenizer(name), cfg.rubric or DEFAULT_RUBRIC)
-    return load_programmatic_judge(cfg.judge)
+    return load_programmatic_judge(resolve_judge(ws, cfg.judge))
 
 
 def judged_win_rate(
@@ -480,6 +480,8 @@ def evaluate(ws: storedb.Workspace, version: str, cfg: EvalConfig) -> dict:
         models.get_version(con, cfg.against)
     if version == cfg.against:
         raise PrefloopError("evaluate a version against a different one (--against)")
+    # a programmatic judge loads (or fails) before anything is sampled
+    judge = load_judge(ws, cfg) if cfg.judge not in (LLM, HUMAN) else None
     sampling = cfg.sampling()
     mine = _round_for(ws, version, sampling)
     theirs = _round_for(ws, cfg.against, sampling)
@@ -511,7 +513,7 @@ def evaluate(ws: storedb.Workspace, version: str, cfg: EvalConfig) -> dict:
             version,
             theirs,
             mine,
-            load_judge(ws, cfg),
+            judge if judge is not None else load_judge(ws, cfg),
             measured.broken,
             measured.broken_against,
         )
