@@ -39,10 +39,14 @@ def create_first_admin(ws: storedb.Workspace, name: str, password: str) -> str:
         return users.start_session(con, user)
 
 
-def sign_in(ws: storedb.Workspace, name: str, password: str) -> tuple[User, str]:
-    """Check name and password; returns the user and a new session token."""
+def sign_in(
+    ws: storedb.Workspace, name: str, password: str, client: str | None = None
+) -> tuple[User, str]:
+    """Check name and password typed on a client (an address or a browser session id);
+    returns the user and a new session token."""
+    name = users.check_sign_in_input(name, password)  # before opening the database
     with storedb.connect(ws) as con:
-        user = users.authenticate(con, name, password)
+        user = users.authenticate(con, name, password, client)
         token = users.start_session(con, user) if user else None
     if user is None:  # raised after the commit so the failed attempt stays recorded
         raise PrefloopError("wrong name or password (or the account is disabled)")
@@ -225,6 +229,13 @@ def list_accounts(ws: storedb.Workspace, user: User) -> pd.DataFrame:
     require(user, "manage_users")
     with storedb.connect(ws) as con:
         return users.list_users(con)
+
+
+def failed_sign_ins(ws: storedb.Workspace, user: User) -> pd.DataFrame:
+    """Recent failed sign-ins per name and client (name, client, failures, last)."""
+    require(user, "manage_users")
+    with storedb.connect(ws) as con:
+        return users.failed_sign_ins(con)
 
 
 def add_account(ws: storedb.Workspace, user: User, name: str, role: str, password: str) -> User:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import secrets
+
 import streamlit as st
 
 from app import actions
 from store import db as storedb
 from store.access import ROLES, User
 from store.errors import PrefloopError
+from store.users import FAILURE_WINDOW, MAX_NAME, MAX_PASSWORD
 
 TOKEN = "session_token"
+CLIENT = "client_id"
 KEEP = "(keep)"
 
 
@@ -23,12 +27,21 @@ def signed_in_user(ws: storedb.Workspace) -> User | None:
     return user
 
 
+def _client() -> str:
+    """Who signs in, for the slow-down: the connection's address, or (on localhost and behind
+    a proxy, where Streamlit sees none) this browser session."""
+    address = st.context.ip_address
+    if isinstance(address, str) and address:
+        return address
+    return st.session_state.setdefault(CLIENT, "session:" + secrets.token_hex(8))
+
+
 def _sign_in(ws: storedb.Workspace) -> None:
     name = st.session_state.get("login_name", "")
     password = st.session_state.get("login_password", "")
     st.session_state["login_password"] = ""
     try:
-        _, token = actions.sign_in(ws, name, password)
+        _, token = actions.sign_in(ws, name, password, _client())
     except PrefloopError as exc:
         st.session_state["login_error"] = str(exc)
         return
@@ -74,8 +87,8 @@ def login_page(ws: storedb.Workspace) -> None:
         return
     st.subheader("Sign in")
     with st.form("login_form"):
-        st.text_input("Name", key="login_name")
-        st.text_input("Password", type="password", key="login_password")
+        st.text_input("Name", key="login_name", max_chars=MAX_NAME)
+        st.text_input("Password", type="password", key="login_password", max_chars=MAX_PASSWORD)
         st.form_submit_button("Sign in", key="sign_in", on_click=_sign_in, args=(ws,))
     st.caption("No account? Ask your project's admin.")
 
@@ -159,3 +172,13 @@ def admin_page(ws: storedb.Workspace, user: User) -> None:
         "and export; admins also manage accounts. Changing a role or password ends that "
         "account's sessions."
     )
+    st.subheader(f"Failed sign-ins (last {FAILURE_WINDOW.seconds // 60} minutes)")
+    failed = actions.failed_sign_ins(ws, user)
+    if failed.empty:
+        st.caption("None.")
+    else:
+        st.dataframe(failed, hide_index=True, width="stretch")
+        st.caption(
+            "Per account name and client (address, or browser session on localhost and behind "
+            "a proxy). Many names from one client, or many clients at once, is someone guessing."
+        )

@@ -64,6 +64,14 @@ def cmd_users_list(args: argparse.Namespace) -> None:
         _print_table(users.list_users(con), args.json)
 
 
+def cmd_users_failed_sign_ins(args: argparse.Namespace) -> None:
+    from app.cli import _print_table, _ws
+    from store import db, users
+
+    with db.connect(_ws(args), read_only=True) as con:
+        _print_table(users.failed_sign_ins(con), args.json)
+
+
 def cmd_users_set_role(args: argparse.Namespace) -> None:
     from app.cli import _ws
     from store import db, users
@@ -148,6 +156,7 @@ def register(sub, add) -> None:
     """Add `prefloop users …`, `agreement` and `adjudicate` to the parser."""
     from labeling.team import DISPUTE_THRESHOLD, MIN_AGREEMENT
     from store.access import ROLES
+    from store.users import FAILURE_WINDOW
 
     p = add(
         "agreement",
@@ -192,6 +201,15 @@ def register(sub, add) -> None:
     p.add_argument("--role", required=True, choices=ROLES)
     p.add_argument("--password-stdin", action="store_true", help=pw_help)
     p = add("list", cmd_users_list, "list accounts and roles", grp)
+    p.add_argument("--json", action="store_true")
+    p = add(
+        "failed-sign-ins",
+        cmd_users_failed_sign_ins,
+        f"failed sign-ins of the last {FAILURE_WINDOW.seconds // 60} minutes per name and "
+        "client (address or browser session), most recent first; names without an account "
+        "show as '(no such account)'",
+        grp,
+    )
     p.add_argument("--json", action="store_true")
     p = add("set-role", cmd_users_set_role, "change an account's role", grp)
     p.add_argument("name")

@@ -19,11 +19,21 @@ from store.errors import PrefloopError
 # scrypt cost: ~50 ms and 16 MiB per hash on a laptop core; stored with each hash.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 SESSION_HOURS = float(os.environ.get("PREFLOOP_SESSION_HOURS", "12"))
-FREE_FAILURES = 3  # failed attempts before sign-in slows down
-MAX_WAIT_S = 300.0
-FAILURE_WINDOW = timedelta(minutes=15)
+FREE_FAILURES = 3  # failed attempts for one name before its sign-in slows down
+# Failures for one name after which its wait holds clients that have not failed too (below it,
+# such a client may try the right password through the wait, so nobody locks a user out cheaply).
+NAME_LOCK_ALL_FAILURES = 20
+CLIENT_FREE_FAILURES = 10  # failed attempts from one client (any names) before it slows down
+MAX_WAIT_S = 300.0  # the per-name and per-client waits double up to this
+FAILURE_WINDOW = timedelta(minutes=15)  # the longest window: older attempts are pruned
+GLOBAL_FREE_FAILURES = 30  # failed attempts server-wide per GLOBAL_WINDOW before everyone waits
+GLOBAL_WINDOW = timedelta(minutes=1)
 MIN_PASSWORD = 8
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+MAX_NAME = 64
+MAX_PASSWORD = 1024
+STORED_NAME_CHARS = 41  # an attempt stores an account's name, else '#' + 40 hex of its sha256
+MAX_CLIENT = 64
+_NAME = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9_.@-]{{0,{MAX_NAME - 1}}}$")
 # Checked against for unknown names, so a wrong name costs as much time as a wrong password.
 _NO_SUCH_USER = (
     "scrypt$16384$8$1$FtWvqwDQLl5KMS/g34I2YQ==$6CdsQOLF0kire4f+LmegnUGA+uogI/wtmGByaSg7q/Y="
@@ -79,6 +89,8 @@ def check_name(name: str) -> str:
 def _check_password(password: str) -> None:
     if len(password or "") < MIN_PASSWORD:
         raise PrefloopError(f"the password must have at least {MIN_PASSWORD} characters")
+    if len(password) > MAX_PASSWORD:
+        raise PrefloopError(f"the password must have at most {MAX_PASSWORD} characters")
 
 
 def add_user(con: duckdb.DuckDBPyConnection, name: str, role: str, password: str) -> User:
@@ -141,44 +153,133 @@ def count_users(con: duckdb.DuckDBPyConnection) -> int:
     return int(con.execute("SELECT count(*) FROM users").fetchone()[0])
 
 
-def wait_before_login(con: duckdb.DuckDBPyConnection, name: str) -> float:
-    """Seconds this name must wait before the next attempt (0 when it may try now)."""
-    since = _now() - FAILURE_WINDOW
+def check_sign_in_input(name: str, password: str) -> str:
+    """The typed name, stripped, if name and password are short enough to check at all."""
+    name = (name or "").strip()
+    if not name:
+        raise PrefloopError("type your account name and password")
+    if len(name) > MAX_NAME:
+        raise PrefloopError(
+            f"account names have at most {MAX_NAME} characters; check the name and try again"
+        )
+    if len(password or "") > MAX_PASSWORD:
+        raise PrefloopError(f"passwords have at most {MAX_PASSWORD} characters")
+    return name
+
+
+def _attempt_key(con: duckdb.DuckDBPyConnection, name: str) -> str:
+    """What an attempt stores for the typed name: the account's name, or a hash when no such
+    account exists (a password typed into the name field is not kept)."""
+    if con.execute("SELECT 1 FROM users WHERE name = ?", [name]).fetchone():
+        return name
+    return "#" + hashlib.sha256(name.encode()).hexdigest()[: STORED_NAME_CHARS - 1]
+
+
+def _client_key(client: str | None) -> str | None:
+    if client is None or len(client) <= MAX_CLIENT:
+        return client
+    return "#" + hashlib.sha256(client.encode()).hexdigest()[: MAX_CLIENT - 1]
+
+
+def _doubling_wait(failures: int, free: int, last: datetime | None) -> float:
+    """Seconds left of 1, 2, 4, ... MAX_WAIT_S s after the last failure, past `free` ones."""
+    if failures < free or last is None:
+        return 0.0
+    wait = min(2.0 ** (failures - free), MAX_WAIT_S)
+    return max(0.0, (last + timedelta(seconds=wait) - _now()).total_seconds())
+
+
+def _name_failures(con: duckdb.DuckDBPyConnection, key: str) -> tuple[int, datetime | None]:
     rows = con.execute(
         "SELECT ok, created FROM login_attempts WHERE name = ? AND created > ? "
         "ORDER BY created DESC",
-        [name, since],
+        [key, _now() - FAILURE_WINDOW],
     ).fetchall()
     failures, last = 0, None
     for ok, at in rows:
-        if ok:
+        if ok:  # a success resets the name's count
             break
         failures += 1
         last = last or at
-    if failures < FREE_FAILURES or last is None:
+    return failures, last
+
+
+def _client_failures(con: duckdb.DuckDBPyConnection, client: str | None) -> tuple[int, datetime]:
+    # No reset on success: an attacker with an account of their own could clear it otherwise.
+    return con.execute(
+        "SELECT count(*), max(created) FROM login_attempts WHERE NOT ok "
+        "AND client IS NOT DISTINCT FROM ? AND created > ?",
+        [client, _now() - FAILURE_WINDOW],
+    ).fetchone()
+
+
+def _global_wait(con: duckdb.DuckDBPyConnection) -> float:
+    """Seconds until fewer than GLOBAL_FREE_FAILURES failures lie in the last GLOBAL_WINDOW."""
+    row = con.execute(
+        "SELECT created FROM login_attempts WHERE NOT ok AND created > ? "
+        "ORDER BY created DESC LIMIT 1 OFFSET ?",
+        [_now() - GLOBAL_WINDOW, GLOBAL_FREE_FAILURES - 1],
+    ).fetchone()
+    if row is None:
         return 0.0
-    wait = min(2.0 ** (failures - FREE_FAILURES), MAX_WAIT_S)
-    left = (last + timedelta(seconds=wait) - _now()).total_seconds()
-    return max(0.0, left)
+    return max(0.0, (row[0] + GLOBAL_WINDOW - _now()).total_seconds())
 
 
-def authenticate(con: duckdb.DuckDBPyConnection, name: str, password: str) -> User | None:
+def _waits(
+    con: duckdb.DuckDBPyConnection, name: str, client: str | None
+) -> list[tuple[float, str]]:
+    client = _client_key(client)
+    failures, last = _client_failures(con, client)
+    here = "browser session" if (client or "").startswith("session:") else "address"
+    name_failures, name_last = _name_failures(con, _attempt_key(con, name))
+    waits = [
+        (_doubling_wait(failures, CLIENT_FREE_FAILURES, last), f"from this {here}"),
+        (_global_wait(con), "on this server just now"),
+    ]
+    if failures or name_failures >= NAME_LOCK_ALL_FAILURES:
+        waits.append((_doubling_wait(name_failures, FREE_FAILURES, name_last), f"for {name!r}"))
+    return waits
+
+
+def wait_before_login(
+    con: duckdb.DuckDBPyConnection, name: str, client: str | None = None
+) -> float:
+    """Seconds this name must wait before its next attempt from this client (0: try now)."""
+    return max(wait for wait, _ in _waits(con, name, client))
+
+
+def authenticate(
+    con: duckdb.DuckDBPyConnection, name: str, password: str, client: str | None = None
+) -> User | None:
     """The account if name and password match, else None; failures are recorded (so commit
-    the transaction either way) and slow down the next attempts."""
-    name = (name or "").strip()
-    wait = wait_before_login(con, name)
+    the transaction either way) and slow down the next attempts for the name, from the client
+    and, in a burst, from everyone."""
+    name = check_sign_in_input(name, password)
+    con.execute("DELETE FROM login_attempts WHERE created < ?", [_now() - FAILURE_WINDOW])
+    wait, why = max(_waits(con, name, client))
     if wait > 0:
-        raise PrefloopError(
-            f"too many failed sign-ins for {name!r}: wait {wait:.0f} s and try again"
-        )
+        raise PrefloopError(f"too many failed sign-ins {why}: wait {wait:.0f} s and try again")
     row = con.execute(
         "SELECT name, role, password_hash, active FROM users WHERE name = ?", [name]
     ).fetchone()
     ok = verify_password(password, row[2] if row else _NO_SUCH_USER) and bool(row and row[3])
     con.execute(
-        "INSERT INTO login_attempts (name, ok, created) VALUES (?, ?, ?)", [name, ok, _now()]
+        "INSERT INTO login_attempts (name, ok, created, client) VALUES (?, ?, ?, ?)",
+        [_attempt_key(con, name), ok, _now(), _client_key(client)],
     )
     return User(row[0], row[1]) if ok else None
+
+
+def failed_sign_ins(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+    """Failed sign-ins of the last FAILURE_WINDOW per name and client, most recent first;
+    names without an account show as '(no such account)'."""
+    return con.execute(
+        "SELECT CASE WHEN starts_with(name, '#') THEN '(no such account)' ELSE name END AS name, "
+        "coalesce(client, '-') AS client, count(*) AS failures, max(created) AS last "
+        "FROM login_attempts WHERE NOT ok AND created > ? "
+        "GROUP BY ALL ORDER BY last DESC",
+        [_now() - FAILURE_WINDOW],
+    ).df()
 
 
 def start_session(con: duckdb.DuckDBPyConnection, user: User, hours: float | None = None) -> str:

@@ -66,7 +66,7 @@ def test_failed_sign_ins_slow_down_and_a_success_resets(ws, monkeypatch):
     waits = []
     for _ in range(4):
         with pytest.raises(PrefloopError, match="too many failed sign-ins for 'ann': wait"):
-            actions.sign_in(ws, "ann", PASSWORD)  # refused even with the right password
+            actions.sign_in(ws, "ann", PASSWORD)  # the right password from the same client
         with storedb.connect(ws) as con:
             waits.append(users.wait_before_login(con, "ann"))
         clock[0] += timedelta(seconds=waits[-1] + 0.01)
