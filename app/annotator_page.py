@@ -2,7 +2,7 @@
 
 Keys: 1..K rank the candidate in that slot next, t ties the next key with the last pick,
 u undoes, s skips, b flags all bad and submits, Enter submits. Model output is shown only as
-plain text.
+plain text, the round's guidelines through the safe Markdown subset of labeling.safe_text.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import streamlit as st
 
 from app import actions
 from labeling import annotation
+from labeling.safe_text import plain, safe_markdown
 from store import db as storedb
 from store.access import User
 from store.errors import PrefloopError
@@ -82,10 +83,10 @@ def show_messages(prefix: str) -> None:
     """Show (once) the message and error a button callback left for this page."""
     note = st.session_state.pop(f"{prefix}_note", None)
     if note:
-        st.success(note)
+        st.success(plain(note))
     error = st.session_state.pop(f"{prefix}_error", None)
     if error:
-        st.error(error)
+        st.error(plain(error))  # errors may quote what was typed or stored
 
 
 def _state() -> annotation.RankingState | None:
@@ -226,7 +227,7 @@ def _suggestion_text(state: annotation.RankingState, ranking: list[list[int]]) -
 def _guidelines(text: str | None) -> None:
     with st.sidebar.expander("Guidelines", expanded=True):
         if text:
-            st.markdown(text)  # written by a researcher of this workspace, not model output
+            st.markdown(safe_markdown(text))
         else:
             st.caption("No guidelines for this round yet.")
         st.caption(

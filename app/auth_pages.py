@@ -7,6 +7,7 @@ import secrets
 import streamlit as st
 
 from app import actions
+from labeling.safe_text import plain
 from store import db as storedb
 from store.access import ROLES, User
 from store.errors import PrefloopError
@@ -67,10 +68,10 @@ def login_page(ws: storedb.Workspace) -> None:
     st.title("prefloop")
     note = st.session_state.pop("login_note", None)
     if note:
-        st.info(note)
+        st.info(plain(note))
     error = st.session_state.pop("login_error", None)
     if error:
-        st.error(error)
+        st.error(plain(error))  # may quote the typed name
     if actions.needs_first_admin(ws):
         st.subheader("Create the first admin account")
         st.caption(
@@ -146,7 +147,7 @@ def admin_page(ws: storedb.Workspace, user: User) -> None:
     for prefix, show in (("admin_note", st.success), ("admin_error", st.error)):
         msg = st.session_state.pop(prefix, None)
         if msg:
-            show(msg)
+            show(plain(msg))
     st.dataframe(accounts, hide_index=True, width="stretch")
     c1, c2 = st.columns(2)
     with c1, st.form("add_account"):

@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from store.access import NAME_RULE
 from store.errors import PrefloopError
 
 if TYPE_CHECKING:
@@ -582,7 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
         dest="sub", required=True, metavar="SUBCOMMAND"
     )
     p = add("import", cmd_labels_import, "import rankings from JSONL (all rows or none)", labels)
-    p.add_argument("file")
+    p.add_argument(
+        "file", help=f"rows of group_id, annotator, ranking, ...; annotator names: {NAME_RULE}"
+    )
 
     pairs = sub.add_parser("pairs", help="import preference pairs").add_subparsers(
         dest="sub", required=True, metavar="SUBCOMMAND"

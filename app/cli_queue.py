@@ -155,7 +155,9 @@ def register(sub, add) -> None:
         help="the group's candidate ids best first, '>' between places and '=' for ties, "
         'e.g. "12>13=14>15"',
     )
-    p.add_argument("--author", help="who set it (default: your login name)")
+    p.add_argument(
+        "--author", help="who set it (default: your login name); letters, digits, _ . @ -"
+    )
     p = add("list", cmd_gold_list, "list gold groups with their rankings", grp)
     p.add_argument("--round", type=int, metavar="N", help="only the gold groups of round N")
     p.add_argument("--json", action="store_true", help="print JSON records")

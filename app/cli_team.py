@@ -155,7 +155,7 @@ def cmd_adjudicate(args: argparse.Namespace) -> None:
 def register(sub, add) -> None:
     """Add `prefloop users …`, `agreement` and `adjudicate` to the parser."""
     from labeling.team import DISPUTE_THRESHOLD, MIN_AGREEMENT
-    from store.access import ROLES
+    from store.access import NAME_RULE, ROLES
     from store.users import FAILURE_WINDOW
 
     p = add(
@@ -197,7 +197,7 @@ def register(sub, add) -> None:
     ).add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
     pw_help = "read the password from the first line of standard input"
     p = add("add", cmd_users_add, "create an account (asks for its password)", grp)
-    p.add_argument("name")
+    p.add_argument("name", help=f"the account's name: {NAME_RULE}")
     p.add_argument("--role", required=True, choices=ROLES)
     p.add_argument("--password-stdin", action="store_true", help=pw_help)
     p = add("list", cmd_users_list, "list accounts and roles", grp)

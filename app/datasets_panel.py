@@ -7,6 +7,7 @@ import streamlit as st
 
 from app import actions
 from labeling.curation import Curation
+from labeling.safe_text import plain
 from store import db as storedb
 from store.access import User
 from store.errors import PrefloopError
@@ -46,7 +47,7 @@ def datasets_panel(ws: storedb.Workspace, user: User, dataset_df: pd.DataFrame, 
     for suffix, show in (("note", st.success), ("error", st.error)):
         msg = st.session_state.pop(f"ds_{suffix}", None)
         if msg:
-            show(msg)
+            show(plain(msg))
     with st.expander("Freeze a curated dataset version"), st.form("freeze_form"):
         st.multiselect("Rounds (empty: every train round)", list(round_ids), key="cur_rounds")
         c1, c2 = st.columns(2)
@@ -82,4 +83,4 @@ def datasets_panel(ws: storedb.Workspace, user: User, dataset_df: pd.DataFrame, 
         st.session_state.pop("ds_pick", None)
     pick = st.selectbox("Card of version", ids, key="ds_pick")
     with st.container(border=True):
-        st.markdown(actions.dataset_card(ws, user, pick))  # filters and counts, no model text
+        st.markdown(actions.dataset_card(ws, user, pick))  # names and filters escaped in the card

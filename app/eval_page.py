@@ -8,6 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from app import actions, launcher
+from labeling.safe_text import plain
 from store import db as storedb
 from store import evals, models, rounds, runs
 from store.access import User
@@ -76,10 +77,10 @@ def _eval_form(ws: storedb.Workspace, version_ids: list[str]) -> None:
             ws, st.session_state["user"], launcher.eval_args(version, cfg)
         )
     except PrefloopError as exc:
-        st.error(str(exc))
+        st.error(plain(exc))
         return
     st.success(f"Started the evaluation (process {pid}); results appear below when it ends.")
-    st.caption(f"Log: {log_path}")
+    st.caption(f"Log: {plain(log_path)}")
 
 
 def _winrate_chart(wr: pd.DataFrame) -> None:
@@ -122,11 +123,6 @@ def _present(row: dict) -> dict:
     return {k: v for k, v in row.items() if not (isinstance(v, float) and pd.isna(v))}
 
 
-def _plain(text: str) -> str:
-    """Text from data with Markdown's special characters escaped."""
-    return "".join("\\" + c if c in "\\`*_{}[]()#+-.!<>|~$" else c for c in str(text))
-
-
 def _pct(x: float | None) -> str:
     """A share as a percentage; a dash when missing."""
     return "–" if x is None or pd.isna(x) else f"{x:.0%}"
@@ -157,7 +153,7 @@ def _latest_per_version(flat: pd.DataFrame, drift: pd.DataFrame) -> None:
             st.text(f"{version} vs {last['against']} (rounds {list(last['round_ids'])})")
             reason = breaking_reason(_present(d)) if d is not None else None
             if reason:
-                st.error(f"{_plain(version)}: won by breaking the model ({_plain(reason)})")
+                st.error(f"{plain(version)}: won by breaking the model ({plain(reason)})")
             c = st.columns(6)
             c[0].metric("win-rate", _num(None if w is None else w["win_rate"]))
             c[1].metric("guarded win-rate", _num(None if w is None else w["guarded_win_rate"]))
@@ -292,7 +288,7 @@ def _run_metrics(ws: storedb.Workspace, run_df: pd.DataFrame) -> None:
     cols = st.columns(2)
     for i, name in enumerate(chosen):
         with cols[i % 2]:
-            st.markdown(f"**{name}**")
+            st.markdown(f"**{plain(name)}**")
             st.line_chart(metrics[[name]].dropna(), height=220)
 
 

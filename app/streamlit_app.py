@@ -14,6 +14,7 @@ from app import actions, launcher
 from app.annotator_page import annotator_page
 from app.auth_pages import admin_page, login_page, sign_out, signed_in_user
 from app.datasets_panel import datasets_panel
+from labeling.safe_text import plain
 from store import datasets, models, rounds, runs
 from store import db as storedb
 from store.access import User
@@ -55,7 +56,7 @@ def load_workspace() -> storedb.Workspace:
         return storedb.workspace()
     except PrefloopError as exc:
         st.error(
-            f"{exc}\n\nStart the web app with `prefloop serve --workspace DIR` "
+            f"{plain(exc)}\n\nStart the web app with `prefloop serve --workspace DIR` "
             "(or set PREFLOOP_WORKSPACE to a workspace folder before `streamlit run`)."
         )
         st.stop()
@@ -69,10 +70,10 @@ def _launch(ws: storedb.Workspace, args: list[str], what: str) -> None:
     try:
         pid, log_path = actions.start_job(ws, st.session_state["user"], args)
     except PrefloopError as exc:
-        st.error(str(exc))
+        st.error(plain(exc))
         return
     st.success(f"Started {what} (process {pid}); it shows under Jobs once it has loaded the model.")
-    st.caption(f"Log: {log_path}")
+    st.caption(f"Log: {plain(log_path)}")
 
 
 def _sampling_form(ws: storedb.Workspace, version_ids: list[str], newest: str) -> None:
@@ -249,7 +250,7 @@ def _metric_charts(metrics: pd.DataFrame) -> None:
     if names:
         for col, name in zip(st.columns(len(names)), names, strict=True):
             with col:
-                st.markdown(f"**{name}**")
+                st.markdown(f"**{plain(name)}**")
                 series = metrics[[name]].dropna()
                 st.line_chart(series, x_label="step", y_label=name, height=260)
     elif len(metrics) > 1:
@@ -288,7 +289,7 @@ def jobs_view(ws: storedb.Workspace) -> None:
             run_id = st.session_state.get("run_select")
             metrics = runs.run_metrics(con, run_id) if run_id is not None else pd.DataFrame()
     except PrefloopError as exc:
-        st.error(str(exc))
+        st.error(plain(exc))
         return
     launched = launcher.launched_jobs(ws)
     running_now = {f"run {i}" for i in run_df.loc[run_df["status"] == "running", "id"]} | {
@@ -321,10 +322,10 @@ def jobs_view(ws: storedb.Workspace) -> None:
         try:
             log_path = launcher.find_log(ws, row["pid"], row["log_path"])
         except PrefloopError as exc:
-            st.error(str(exc))
+            st.error(plain(exc))
             log_path = None
         if log_path is not None:
-            st.caption(f"Log: {log_path}")
+            st.caption(f"Log: {plain(log_path)}")
             st.code(
                 "\n".join(launcher.read_tail(log_path)) or "(empty)", language=None, wrap_lines=True
             )
@@ -415,7 +416,7 @@ def researcher_page(ws: storedb.Workspace, user: User) -> None:
                     actions.promote_version(ws, user, pick, force=force)
                     st.rerun()
                 except PrefloopError as exc:
-                    st.error(str(exc))
+                    st.error(plain(exc))
         st.json(row["config"], expanded=False)
 
     datasets_panel(ws, user, dataset_df, [int(r) for r in round_df["id"]])
@@ -450,7 +451,7 @@ def main() -> None:
         st.session_state["page"] = _page_from_url(pages, user)
     with st.sidebar:
         st.markdown("## prefloop")
-        st.caption(f"Signed in as **{user.name}** ({user.role})")
+        st.caption(f"Signed in as **{plain(user.name)}** ({user.role})")
         st.button("Sign out", key="sign_out", on_click=sign_out, args=(ws,))
         page = st.radio("Page", pages, key="page")
         st.caption("Workspace:")
@@ -458,7 +459,7 @@ def main() -> None:
     st.query_params["page"] = page.lower()
     refused = st.session_state.pop("page_refused", None)
     if refused:
-        st.error(refused)
+        st.error(plain(refused))
     try:
         if page == "Annotator":
             annotator_page(ws, user)
@@ -475,7 +476,7 @@ def main() -> None:
         else:
             admin_page(ws, user)
     except PrefloopError as exc:
-        st.error(str(exc))
+        st.error(plain(exc))
 
 
 main()

@@ -7,6 +7,7 @@ import streamlit as st
 
 from app import actions
 from labeling.queue import parse_ranking
+from labeling.safe_text import plain, plain_list
 from store import db as storedb
 from store.access import User
 from store.errors import PrefloopError
@@ -17,7 +18,7 @@ def _flash(prefix: str) -> None:
     for suffix, show in (("note", st.success), ("error", st.error)):
         msg = st.session_state.pop(f"{prefix}_{suffix}", None)
         if msg:
-            show(msg)
+            show(plain(msg))
 
 
 def _do(prefix: str, func, *args, note: str, **kwargs) -> None:
@@ -92,7 +93,7 @@ def _agreement(report) -> None:
     if flagged:
         st.warning(
             "Below the agreement threshold (on gold groups when they have 3+, else with "
-            f"their peers): {', '.join(flagged)}. `prefloop dataset freeze "
+            f"their peers): {plain_list(flagged)}. `prefloop dataset freeze "
             "--exclude-flagged` leaves their labels out."
         )
     if "judge" in set(report.annotators["annotator"]):

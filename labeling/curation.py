@@ -40,6 +40,7 @@ import pandas as pd
 
 from labeling.agreement import annotator_report, group_disagreement
 from labeling.ranking import consensus, ordered_pairs, usable_rankings
+from labeling.safe_text import plain_list
 from store import adjudications, datasets, labels, rounds
 from store import db as storedb
 from store import gold as store_gold
@@ -368,8 +369,8 @@ def _filter_lines(f: dict) -> list[str]:
         f"- split: {f['split']} prompts; rounds: "
         + (", ".join(map(str, f["rounds"])) if f["rounds"] else "all of the split"),
         "- annotators: "
-        + (", ".join(f["annotators"]) if f["annotators"] else "all (the judge left out)")
-        + (f"; excluded: {', '.join(f['exclude_annotators'])}" if f["exclude_annotators"] else ""),
+        + (plain_list(f["annotators"]) if f["annotators"] else "all (the judge left out)")
+        + (f"; excluded: {plain_list(f['exclude_annotators'])}" if f["exclude_annotators"] else ""),
         f"- annotators flagged by the agreement report: "
         f"{'excluded' if f['exclude_flagged'] else 'kept'}",
         f"- minimum agreement per group: {_fmt(f['min_agreement'])}",
@@ -394,7 +395,7 @@ def _stats_lines(s: dict | None) -> list[str]:
     lr = s.get("length_ratio", {})
     lines = [
         f"- groups: {s['groups']}; ordered pairs: {s['pairs']}; prompts: {s['prompts']}",
-        f"- annotators ({len(s['annotators'])}): {', '.join(s['annotators']) or 'none'}",
+        f"- annotators ({len(s['annotators'])}): {plain_list(s['annotators']) or 'none'}",
         f"- labels: {s['labels']}; labels per group: {_fmt(s['labels_per_group'])}",
         f"- mean agreement: {_fmt(s['mean_agreement'])} "
         f"(over {s['groups_with_several_annotators']} groups with several annotators)",
@@ -409,7 +410,7 @@ def _stats_lines(s: dict | None) -> list[str]:
             f"{t['tied']} tied (left out of KTO exports)"
         )
     if s.get("flagged_annotators"):
-        lines.append(f"- flagged annotators left out: {', '.join(s['flagged_annotators'])}")
+        lines.append(f"- flagged annotators left out: {plain_list(s['flagged_annotators'])}")
     excluded = s.get("labels_excluded", {})
     if any(excluded.values()):
         lines.append(

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from labeling.curation import dataset_card
 from labeling.ranking import ordered_pairs, tiers_to_ranks
+from labeling.safe_text import code_block, code_span
 from store import datasets
 from store import db as storedb
 from store.errors import PrefloopError
@@ -107,9 +108,13 @@ def card_text(info: dict, fmt: str, out: Path, n_rows: int, records: list[Traini
     """The dataset card: what the file holds and where it came from."""
     versions = sorted({str(r.model_version) for r in records if r.model_version})
     load = "json" if out.suffix == ".jsonl" else "parquet"
+    snippet = (
+        "from datasets import load_dataset\n"
+        f'ds = load_dataset("{load}", data_files={out.name!r}, split="train")'
+    )
     return f"""# prefloop preference dataset `{info["id"]}`
 
-- file: `{out.name}` ({fmt}, {n_rows} rows)
+- file: {code_span(out.name)} ({fmt}, {n_rows} rows)
 - dataset version: `{info["id"]}` (sha256 `{info["content_hash"]}`)
 - groups: {info["n_groups"]}; ordered pairs: {info["n_pairs"]}
 - rounds: {", ".join(str(r) for r in info["rounds"])}
@@ -118,10 +123,7 @@ def card_text(info: dict, fmt: str, out: Path, n_rows: int, records: list[Traini
 
 Format: {FORMAT_TEXT[fmt]}.
 
-```python
-from datasets import load_dataset
-ds = load_dataset("{load}", data_files="{out.name}", split="train")
-```
+{code_block(snippet, "python")}
 
 {dataset_card(info)}"""
 

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from store.errors import PrefloopError
 
 ANNOTATOR, RESEARCHER, ADMIN = "annotator", "researcher", "admin"
+MAX_NAME = 64
+NAME_RULE = (
+    f"letters, digits, '_', '.', '@' or '-', starting with a letter or digit, at most {MAX_NAME} "
+    "characters"
+)
+_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.@-]{{0,{MAX_NAME - 1}}}")
 ROLES = (ANNOTATOR, RESEARCHER, ADMIN)
 
 # action -> roles allowed to do it
@@ -44,6 +51,15 @@ class User:
     def can(self, action: str) -> bool:
         """Whether this user's role allows the action."""
         return self.role in PERMISSIONS[action]
+
+
+def check_name(name: str, what: str = "account name") -> str:
+    """The name (of an account, annotator or author) stripped, if valid; otherwise a clear error."""
+    name = (name or "").strip() if isinstance(name, str) else name
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        shown = repr(name) if len(repr(name)) <= 40 else repr(name)[:40] + "..."
+        raise PrefloopError(f"invalid {what} {shown}: use {NAME_RULE}")
+    return name
 
 
 def check_role(role: str) -> str:

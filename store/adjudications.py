@@ -6,6 +6,7 @@ import json
 
 import duckdb
 
+from store.access import check_name
 from store.errors import PrefloopError
 from store.labels import FLAGS, check_ranking
 
@@ -19,6 +20,7 @@ def set_adjudication(
     note: str | None = None,
 ) -> None:
     """Decide a group: a full ranking of its candidates, or flags (e.g. all_bad) to drop it."""
+    author = check_name(author, "author name")
     flags = sorted(set(flags or []))
     bad = [f for f in flags if f not in FLAGS]
     if bad:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from store.access import check_name
 from store.errors import PrefloopError
 from store.records import ImportedGroup, ImportReport, LabelRecord, Messages, PromptRecord
 
@@ -395,6 +396,10 @@ def read_labels(path: PathLike) -> list[LabelRecord]:
         annotator = row.get("annotator")
         if not isinstance(annotator, str) or not annotator.strip():
             raise loc.fail("'annotator' must be a non-empty string (the annotator's name)")
+        try:
+            annotator = check_name(annotator, "'annotator' name")
+        except PrefloopError as exc:
+            raise loc.fail(str(exc)) from None
         flags_value = row.get("flags")
         flags: list[str] = []
         if flags_value is not None:
@@ -421,7 +426,7 @@ def read_labels(path: PathLike) -> list[LabelRecord]:
         out.append(
             LabelRecord(
                 group_id=int(group_id),
-                annotator=annotator.strip(),
+                annotator=annotator,
                 ranking=ranking,
                 flags=flags,
                 comment=comment,

@@ -7,6 +7,7 @@ import json
 import duckdb
 import pandas as pd
 
+from store.access import check_name
 from store.errors import PrefloopError
 from store.labels import check_ranking
 
@@ -24,6 +25,7 @@ def set_gold(
     con: duckdb.DuckDBPyConnection, group_id: int, ranking: list[list[int]], author: str | None
 ) -> None:
     """Mark a group as gold with its known ranking (candidate ids, best first); replaces any."""
+    author = None if author is None else check_name(author, "author name")
     expected = _candidate_ids(con, group_id)
     check_ranking(ranking, expected, int(group_id), f"gold for group {group_id}: ")
     if len(ranking) < 2:

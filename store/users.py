@@ -6,14 +6,13 @@ import base64
 import hashlib
 import hmac
 import os
-import re
 import secrets
 from datetime import datetime, timedelta
 
 import duckdb
 import pandas as pd
 
-from store.access import User, check_role
+from store.access import MAX_NAME, User, check_name, check_role
 from store.errors import PrefloopError
 
 # scrypt cost: ~50 ms and 16 MiB per hash on a laptop core; stored with each hash.
@@ -29,11 +28,9 @@ FAILURE_WINDOW = timedelta(minutes=15)  # the longest window: older attempts are
 GLOBAL_FREE_FAILURES = 30  # failed attempts server-wide per GLOBAL_WINDOW before everyone waits
 GLOBAL_WINDOW = timedelta(minutes=1)
 MIN_PASSWORD = 8
-MAX_NAME = 64
 MAX_PASSWORD = 1024
 STORED_NAME_CHARS = 41  # an attempt stores an account's name, else '#' + 40 hex of its sha256
 MAX_CLIENT = 64
-_NAME = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9_.@-]{{0,{MAX_NAME - 1}}}$")
 # Checked against for unknown names, so a wrong name costs as much time as a wrong password.
 _NO_SUCH_USER = (
     "scrypt$16384$8$1$FtWvqwDQLl5KMS/g34I2YQ==$6CdsQOLF0kire4f+LmegnUGA+uogI/wtmGByaSg7q/Y="
@@ -73,17 +70,6 @@ def verify_password(password: str, stored: str) -> bool:
     except (ValueError, TypeError):
         return False
     return hmac.compare_digest(got, expected)
-
-
-def check_name(name: str) -> str:
-    """The account name, if valid (letters, digits, _ . @ -; up to 64)."""
-    name = (name or "").strip()
-    if not _NAME.match(name):
-        raise PrefloopError(
-            f"invalid account name {name!r}: use letters, digits, '_', '.', '@' or '-' "
-            "(starting with a letter or digit, at most 64 characters)"
-        )
-    return name
 
 
 def _check_password(password: str) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from labeling import annotation
+from labeling import annotation, safe_text
 from store import db as storedb
 from store import labels, users
 from tests.fixtures_app import XSS, SeededRound, free_port, make_workspace, seed_round
@@ -381,3 +381,103 @@ def test_keys_typed_ahead_are_not_lost(serve, page, tmp_path):
     ids = letter_ids("kim", gid, cids)
     ranking = stored_labels(ws, "kim").loc[gid, "ranking"]
     assert ranking == [[ids["B"], ids["C"]], [ids["A"]], [ids["D"]]]
+
+
+class _Sink:
+    """A local HTTP server that counts every request it gets (an image or link that loads)."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.paths: list[str] = []
+        sink = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _count(self) -> None:
+                sink.paths.append(self.path)
+                self.send_response(204)
+                self.end_headers()
+
+            do_GET = do_HEAD = do_POST = _count
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _shown(locator) -> str:
+    """The text a reader sees (the invisible word joiners that keep text inert left out)."""
+    return locator.inner_text().replace(safe_text.WORD_JOINER, "")
+
+
+def _assert_nothing_rendered(page, sink: _Sink) -> None:
+    """No image or link to the sink, no coloured text, no typeset math on the page."""
+    port = sink.url.rsplit(":", 1)[1]
+    assert page.locator(f'img[src*=":{port}"], a[href*=":{port}"]').count() == 0
+    assert page.locator(".stMarkdownColoredText, [class*=ColoredText]").count() == 0
+    assert page.locator(".katex, math").count() == 0
+
+
+def test_hostile_guidelines_names_and_filters_load_nothing_and_stay_text(serve, page, tmp_path):
+    from playwright.sync_api import expect
+
+    from store import rounds
+    from store.records import LabelRecord
+
+    sink = _Sink()
+    try:
+        ws = make_workspace(tmp_path / "ws")
+        seeded = seed_round(ws, n_groups=3, k=3)
+        name = f"![a]({sink.url}/name.png) :red[EVIL]"
+        guide = f"Prefer **short** answers. ![g]({sink.url}/guide.png) :red[EXPIRED] $x^2$"
+        typed = f"![f]({sink.url}/filter.png) :red[FILTER] $y$"
+        records = []  # ann, bob and cy agree; the hostile name (stored before names were
+        for g, c in zip(seeded.group_ids, seeded.candidate_ids, strict=True):  # checked) not
+            records += [LabelRecord(g, who, [[x] for x in c]) for who in ("ann", "bob", "cy")]
+            records.append(LabelRecord(g, name, [[x] for x in reversed(c)]))
+        with storedb.connect(ws) as con:
+            labels.add_labels(con, records)
+            rounds.set_round_options(con, seeded.round_id, guidelines=guide)
+        add_account(ws, "pat", "researcher")
+        page.goto(serve(ws))
+        sign_in(page, "pat")
+
+        # Annotator page: the guidelines keep their bold, the rest shows as typed
+        side = page.get_by_test_id("stSidebar")
+        expect(side.locator("strong", has_text="short")).to_be_visible()
+        expect(side).to_contain_text("answers. g :red[EXPIRED] $x^2$")  # g: the image's alt
+        wait_idle(page)
+        _assert_nothing_rendered(page, sink)
+
+        # Researcher page: a filter typed into the freeze form, and the name, in the card
+        page.get_by_text("Researcher", exact=True).click()
+        page.get_by_text("Freeze a curated dataset version").click()
+        page.locator(".st-key-cur_exclude input").fill(typed)
+        page.locator(".st-key-freeze_submit button").click()
+        expect(page.get_by_text("Froze dataset version d1.")).to_be_visible()
+        expect(page.get_by_role("heading", name="Dataset version d1")).to_be_visible()
+        wait_idle(page)
+        shown = _shown(page.locator("body"))
+        assert f"excluded: {typed}" in shown
+        assert f"annotators (4): {name}, ann, bob, cy" in shown
+        _assert_nothing_rendered(page, sink)
+
+        # Team page: the name in the agreement warning
+        page.get_by_text("Team", exact=True).click()
+        warning = page.get_by_test_id("stAlertContentWarning")
+        expect(warning).to_contain_text("Below the agreement threshold")
+        wait_idle(page)
+        assert f"their peers): {name}." in _shown(warning)
+        _assert_nothing_rendered(page, sink)
+        page.wait_for_timeout(500)  # a request started by the last page would have landed
+        assert sink.paths == []
+    finally:
+        sink.close()
