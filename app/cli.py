@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from store.access import NAME_RULE
-from store.errors import PrefloopError
+from store.errors import PrefloopError, storage_error
 
 if TYPE_CHECKING:
     from tuning.config import DPOConfig, GRPOConfig
@@ -82,9 +82,19 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> None:
-    from store import db, models
+    from store import db, integrity, models
 
     ws = _ws(args)
+    problems = integrity.quick_check(ws)  # before opening it read-write
+    if problems:
+        print(f"workspace {ws.root}")
+        for problem in problems:
+            print(f"PROBLEM with {ws.db_path}: {problem}")
+        print(
+            "run `prefloop check` for a full scan of every table, and "
+            f"{integrity.RESTORE} if it finds damage"
+        )
+        raise SystemExit(1)
     with db.connect(ws) as con:
         counts = db.table_counts(con)
         base, newest = models.base_model(con), models.latest_version(con)
@@ -535,7 +545,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=96)
 
-    add("status", cmd_status, "show the workspace's base model and row counts")
+    add(
+        "status",
+        cmd_status,
+        "show the workspace's base model and row counts after a quick integrity check "
+        "(exits 1 and says to run `prefloop check` when the file looks damaged)",
+    )
 
     prompts = sub.add_parser("prompts", help="manage prompts").add_subparsers(
         dest="sub", required=True, metavar="SUBCOMMAND"
@@ -769,9 +784,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8501)
     p.add_argument("--address", default="localhost")
 
-    from app import cli_judge, cli_queue, cli_team
+    from app import cli_judge, cli_maintenance, cli_queue, cli_team
 
-    for module in (cli_team, cli_queue, cli_judge):
+    for module in (cli_team, cli_queue, cli_judge, cli_maintenance):
         module.register(sub, add)
     return parser
 
@@ -810,7 +825,23 @@ def _run(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        error = storage_error(exc, _db_path(args))  # a full disk or a damaged database file
+        if error is None:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _db_path(args: argparse.Namespace) -> Path | None:
+    """The workspace database a command names, for messages; None when there is none."""
+    from store.db import workspace
+
+    try:
+        return workspace(getattr(args, "workspace", None), must_exist=False).db_path
+    except Exception:  # only for a message: never hide the error being reported
+        return None
 
 
 if __name__ == "__main__":

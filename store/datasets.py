@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 
 import duckdb
@@ -13,6 +12,7 @@ import pandas as pd
 
 from store.db import Workspace
 from store.errors import PrefloopError
+from store.exports import write_atomic
 from store.records import TrainingGroup
 
 SNAPSHOT_COLUMNS = [
@@ -84,9 +84,7 @@ def freeze(
     dataset_id = f"d{n + 1}"
     target = ws.artifacts / "snapshots" / f"{dataset_id}.parquet"
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".parquet.tmp")
-    rows.to_parquet(tmp, index=False)
-    os.replace(tmp, target)
+    write_atomic(target, lambda tmp: rows.to_parquet(tmp, index=False))
     rounds = sorted({int(r) for r in rows["round_id"]})
     con.execute(
         "INSERT INTO datasets (id, content_hash, path, n_groups, n_pairs, rounds, filters, "

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import duckdb
 
-from store.errors import PrefloopError
+from store.errors import PrefloopError, storage_error
 
 DB_NAME = "prefloop.duckdb"
+T = TypeVar("T")
 LOCK_TIMEOUT_S = float(os.environ.get("PREFLOOP_LOCK_TIMEOUT", "60"))
 
 MIGRATIONS: list[str] = [
@@ -279,20 +282,30 @@ def workspace(path: str | os.PathLike | None = None, *, must_exist: bool = True)
     return ws
 
 
-def _is_lock_error(exc: Exception) -> bool:
+def is_lock_error(exc: Exception) -> bool:
     text = str(exc).lower()
     return "lock" in text and ("conflicting" in text or "could not set" in text)
 
 
 def _open(ws: Workspace, read_only: bool, timeout_s: float) -> duckdb.DuckDBPyConnection:
+    return with_lock_retry(
+        ws, lambda: duckdb.connect(str(ws.db_path), read_only=read_only), timeout_s
+    )
+
+
+def with_lock_retry(ws: Workspace, open_file: Callable[[], T], timeout_s: float) -> T:
+    """open_file() (which opens the workspace database), retried with backoff while another
+    process holds the file, for at most timeout_s."""
     deadline = time.monotonic() + timeout_s
     delay = 0.05
     while True:
         try:
-            return duckdb.connect(str(ws.db_path), read_only=read_only)
+            return open_file()
         except duckdb.Error as exc:
-            if not _is_lock_error(exc):
-                raise PrefloopError(f"cannot open {ws.db_path}: {exc}") from exc
+            if not is_lock_error(exc):
+                raise storage_error(exc, ws.db_path) or PrefloopError(
+                    f"cannot open {ws.db_path}: {exc}"
+                ) from exc
             if time.monotonic() >= deadline:
                 raise PrefloopError(
                     f"the workspace database {ws.db_path} is held by another process "
@@ -351,9 +364,16 @@ def connect(
         try:
             yield con
         except BaseException:
-            con.execute("ROLLBACK")
+            # a failed write (full disk) may have ended the transaction already
+            with contextlib.suppress(duckdb.Error):
+                con.execute("ROLLBACK")
             raise
         con.execute("COMMIT")
+    except (duckdb.Error, OSError) as exc:
+        error = storage_error(exc, ws.db_path)  # a full disk or a damaged file: one line
+        if error is None:
+            raise
+        raise error from exc
     finally:
         con.close()
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 
-from store.errors import PrefloopError
+from store.errors import PrefloopError, storage_error
 
 
 def write_rows(rows: list[dict], out: Path) -> Path:
@@ -18,21 +19,36 @@ def write_rows(rows: list[dict], out: Path) -> Path:
     if suffix not in (".jsonl", ".parquet"):
         raise PrefloopError(f"cannot export to {out}: use a .jsonl or .parquet file name")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    if suffix == ".jsonl":
-        with tmp.open("w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    else:
-        pd.DataFrame(rows).to_parquet(tmp, index=False)
-    os.replace(tmp, out)
-    return out
+
+    def write(tmp: Path) -> None:
+        if suffix == ".jsonl":
+            with tmp.open("w", encoding="utf-8") as fh:
+                for row in rows:
+                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        else:
+            pd.DataFrame(rows).to_parquet(tmp, index=False)
+
+    return write_atomic(out, write)
 
 
 def write_card(out: Path, text: str) -> Path:
     """Write the dataset card README.md beside an export file."""
     card = Path(out).parent / "README.md"
-    tmp = card.with_name(".README.md.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, card)
-    return card
+    return write_atomic(card, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_atomic(target: Path, write: Callable[[Path], object]) -> Path:
+    """Write target through write(temp file) and a rename: a failure (a full disk) leaves the
+    old file or none, never a half-written one."""
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        error = storage_error(exc, target)
+        if error is None:
+            raise
+        raise error from exc
+    return target
