@@ -16,7 +16,7 @@ from pathlib import Path
 
 from labeling.judges import REGISTERED_ONLY_ENV
 from store import db as storedb
-from store.errors import PrefloopError
+from store.errors import PrefloopError, storage_error
 from tuning.config import DPOConfig, GRPOConfig, SamplingConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -75,6 +75,7 @@ def tune_config_args(
     }
     folder = log_dir(ws)
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    tmp_name = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(
@@ -85,7 +86,11 @@ def tune_config_args(
         path = Path(tmp_name).with_suffix("")  # the unique name without ".tmp"
         os.replace(tmp_name, path)
     except OSError as exc:
-        raise PrefloopError(f"could not write the run's config into {folder}: {exc}") from exc
+        if tmp_name:
+            Path(tmp_name).unlink(missing_ok=True)
+        raise storage_error(exc, folder) or PrefloopError(
+            f"could not write the run's config into {folder}: {exc}"
+        ) from exc
     return ["tune", "--config", str(path)]
 
 

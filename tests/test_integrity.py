@@ -313,3 +313,18 @@ def test_disk_full_during_freeze_leaves_no_half_written_snapshot(small_disk):
     filler.unlink()  # with room again the same command works
     run_cli("dataset", "freeze", "--workspace", ws.root)
     assert [p.name for p in (ws.artifacts / "snapshots").iterdir()] == ["d1.parquet"]
+
+
+def test_disk_full_when_the_web_app_writes_a_tune_config(small_disk):
+    from app import launcher
+    from tuning.config import DPOConfig
+
+    ws = make_workspace(small_disk / "ws")
+    launcher.log_dir(ws).mkdir(parents=True, exist_ok=True)
+    filler = _fill(small_disk)
+    with pytest.raises(PrefloopError, match="is full .* free space on that disk"):
+        launcher.tune_config_args(ws, DPOConfig())
+    assert list(launcher.log_dir(ws).iterdir()) == []  # no half-written config left behind
+    filler.unlink()
+    args = launcher.tune_config_args(ws, DPOConfig())
+    assert json.loads(Path(args[-1]).read_text())["method"] == "dpo"
