@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from store import owner as db_owner
 from store.access import NAME_RULE
 from store.errors import PrefloopError, storage_error
 
@@ -491,7 +492,8 @@ def cmd_evals_human(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     ws = _ws(args)
     script = Path(__file__).resolve().parent / "streamlit_app.py"
-    env = {**os.environ, "PREFLOOP_WORKSPACE": str(ws.root)}
+    # the web app's process owns the database while it runs; other processes go through it
+    env = {**os.environ, "PREFLOOP_WORKSPACE": str(ws.root), db_owner.SERVE_ENV: "1"}
     cmd = [
         sys.executable,
         "-m",

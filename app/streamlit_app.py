@@ -17,6 +17,7 @@ from app.datasets_panel import datasets_panel
 from labeling.safe_text import plain
 from store import datasets, models, rounds, runs
 from store import db as storedb
+from store import owner as db_owner
 from store.access import User
 from store.errors import PrefloopError
 from store.prompts import SPLITS
@@ -53,7 +54,9 @@ for _key in ("round",):
 def load_workspace() -> storedb.Workspace:
     """The workspace from $PREFLOOP_WORKSPACE, or stop the page with what to do."""
     try:
-        return storedb.workspace()
+        ws = storedb.workspace()
+        db_owner.own_if_serving(ws)
+        return ws
     except PrefloopError as exc:
         st.error(
             f"{plain(exc)}\n\nStart the web app with `prefloop serve --workspace DIR` "

@@ -24,9 +24,10 @@ check-then-insert in two threads of one process could fill a slot twice; with th
 the second transaction fails with a write-write "Conflict" and the whole unit of work is retried
 with a fresh snapshot. On top of that, threads of one process take turns on a per-workspace
 lock, so they wait for each other instead of failing and retrying (the row lock still guards
-anything that gets past it, e.g. a second copy of this module). Separate processes cannot
-interleave at all: DuckDB lets one process at a time open the file, and store.db.connect
-retries until it gets it.
+anything that gets past it, e.g. a second copy of this module). Processes that reach the
+database through its owner (the web app) take turns there too (connect's `turns`); with no
+owner they cannot interleave at all: DuckDB lets one process at a time open the file, and
+store.db.connect retries until it gets it.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def _unit(ws: storedb.Workspace, work: Callable[[duckdb.DuckDBPyConnection], T])
     delay = 0.002
     while True:
         try:
-            with _process_lock(ws), storedb.connect(ws) as con:
+            with _process_lock(ws), storedb.connect(ws, turns="queue") as con:
                 return work(con)
         except duckdb.Error as exc:
             if not _is_conflict(exc):

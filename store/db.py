@@ -344,11 +344,26 @@ def migrate(con: duckdb.DuckDBPyConnection, upto: int = SCHEMA_VERSION) -> int:
 
 @contextmanager
 def connect(
-    ws: Workspace, *, read_only: bool = False, timeout_s: float | None = None
+    ws: Workspace,
+    *,
+    read_only: bool = False,
+    timeout_s: float | None = None,
+    turns: str | None = None,
 ) -> Iterator[duckdb.DuckDBPyConnection]:
-    """Open the workspace database for one unit of work: one transaction, then close."""
+    """One unit of work on the workspace database, in one transaction: on this process's own
+    instance when it owns the database, through the owner when another process does (the web
+    app), else on the file, opened for this unit of work and closed after it. On an owner,
+    units of work with the same turns name run one at a time, whichever process sent them
+    (without an owner, processes take turns on the file anyway)."""
     if not ws.db_path.exists():
         raise PrefloopError(f"no workspace database at {ws.db_path}; run `prefloop init` first")
+    from store import owner as db_owner  # it builds on this module
+
+    through = db_owner.session(ws, turns=turns)
+    if through is not None:
+        with _storage_errors(ws), through as con:
+            yield con  # on the owner: a cursor, or the part of a connection the store uses
+        return
     con = _open(ws, read_only, LOCK_TIMEOUT_S if timeout_s is None else timeout_s)
     try:
         if not read_only:
@@ -376,6 +391,18 @@ def connect(
         raise error from exc
     finally:
         con.close()
+
+
+@contextmanager
+def _storage_errors(ws: Workspace) -> Iterator[None]:
+    """A full disk or a damaged file as one line (PrefloopError), other errors unchanged."""
+    try:
+        yield
+    except (duckdb.Error, OSError) as exc:
+        error = storage_error(exc, ws.db_path)
+        if error is None:
+            raise
+        raise error from exc
 
 
 def schema_version(con: duckdb.DuckDBPyConnection) -> int:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 import duckdb
 
-from store import db
+from store import db, owner
 from store.errors import PrefloopError, storage_error
 
 HEADER_BYTES = 3 * 4096  # DuckDB's file header plus its two database headers
@@ -86,12 +88,31 @@ def _open_problem(ws: db.Workspace) -> tuple[duckdb.DuckDBPyConnection | None, s
         raise  # held by another process, or not a database: the error says what to do
 
 
+@contextmanager
+def _opened(ws: db.Workspace) -> Iterator[tuple[duckdb.DuckDBPyConnection | None, str | None]]:
+    """The database to check, or None and why it does not open. While a process owns it (the
+    web app) the checks run there, each statement on its own (an error ends no transaction)."""
+    through = owner.session(ws, transaction=False)
+    if through is not None:
+        with through as con:
+            yield con, None
+        return
+    con, problem = _open_problem(ws)
+    try:
+        yield con, problem
+    finally:
+        if con is not None:
+            con.close()
+
+
 def quick_check(ws: db.Workspace) -> list[str]:
     """Problems a cheap look finds (header and size, opening, the schema version, the small
     tables read in full); empty when none."""
-    con, problem = _open_problem(ws)
-    if con is None:
-        return [problem]
+    with _opened(ws) as (con, problem):
+        return [problem] if con is None else _quick_problems(ws, con)
+
+
+def _quick_problems(ws: db.Workspace, con: duckdb.DuckDBPyConnection) -> list[str]:
     problems = []
     try:
         size = _size_problem(ws, con)
@@ -107,8 +128,6 @@ def quick_check(ws: db.Workspace) -> list[str]:
                     problems.append(f"table {table} cannot be read: {_short(exc)}")
     except duckdb.Error as exc:
         problems.append(f"it cannot be read: {_short(exc)}")
-    finally:
-        con.close()
     return problems
 
 
@@ -132,44 +151,45 @@ def full_check(ws: db.Workspace) -> CheckReport:
     """Verify the whole database file: its size against its header, every table read in full,
     and the files its rows name present inside the workspace."""
     report = CheckReport(ws.db_path)
-    con, problem = _open_problem(ws)
-    if con is None:
-        report.file_problems.append(problem)
-        return report
-    try:
-        try:
-            size = _size_problem(ws, con)
-            if size:
-                report.file_problems.append(size)
-            tables = _tables(con)
-        except duckdb.Error as exc:
-            report.file_problems.append(f"its catalog cannot be read: {_short(exc)}")
-            return report
-        for table in tables:
-            check = TableCheck(table)
-            try:
-                check.rows = _scan(con, table)
-            except duckdb.Error as exc:
-                check.error = _short(exc)
-            report.tables.append(check)
-        readable = {t.name for t in report.tables if t.error is None}
-        for table, key, column, what in STORED_FILES:
-            if table not in readable:
-                continue
-            rows = con.execute(
-                f"SELECT {key}, {column} FROM {table} WHERE {column} IS NOT NULL"
-            ).fetchall()
-            for owner, stored in rows:
-                try:
-                    path = ws.resolve_stored(stored, f"{what} {owner}")
-                except PrefloopError as exc:
-                    report.missing_files.append(str(exc))
-                    continue
-                if not path.exists():
-                    report.missing_files.append(f"{what} {owner}: {stored} is missing")
-    finally:
-        con.close()
+    with _opened(ws) as (con, problem):
+        if con is None:
+            report.file_problems.append(problem)
+        else:
+            _check_all(ws, con, report)
     return report
+
+
+def _check_all(ws: db.Workspace, con: duckdb.DuckDBPyConnection, report: CheckReport) -> None:
+    try:
+        size = _size_problem(ws, con)
+        if size:
+            report.file_problems.append(size)
+        tables = _tables(con)
+    except duckdb.Error as exc:
+        report.file_problems.append(f"its catalog cannot be read: {_short(exc)}")
+        return
+    for table in tables:
+        check = TableCheck(table)
+        try:
+            check.rows = _scan(con, table)
+        except duckdb.Error as exc:
+            check.error = _short(exc)
+        report.tables.append(check)
+    readable = {t.name for t in report.tables if t.error is None}
+    for table, key, column, what in STORED_FILES:
+        if table not in readable:
+            continue
+        rows = con.execute(
+            f"SELECT {key}, {column} FROM {table} WHERE {column} IS NOT NULL"
+        ).fetchall()
+        for name, stored in rows:
+            try:
+                path = ws.resolve_stored(stored, f"{what} {name}")
+            except PrefloopError as exc:
+                report.missing_files.append(str(exc))
+                continue
+            if not path.exists():
+                report.missing_files.append(f"{what} {name}: {stored} is missing")
 
 
 def backup(ws: db.Workspace, into: Path) -> Path:
@@ -215,6 +235,16 @@ def backup(ws: db.Workspace, into: Path) -> Path:
 
 def _copy_database(ws: db.Workspace, target: Path) -> None:
     """A transactionally consistent copy of the workspace database into target."""
+    through = owner.session(ws, transaction=False)
+    if through is not None:  # the owner copies it (one statement: one consistent snapshot)
+        with through as con:
+            name = con.execute("SELECT current_database()").fetchone()[0]
+            con.execute(f"ATTACH '{str(target).replace(chr(39), chr(39) * 2)}' AS backup_dst")
+            try:
+                con.execute(f'COPY FROM DATABASE "{name}" TO backup_dst')
+            finally:
+                con.execute("DETACH backup_dst")
+        return
     con = duckdb.connect()  # in memory: the workspace file is attached read-only, briefly
     try:
         source = str(ws.db_path).replace("'", "''")
