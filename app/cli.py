@@ -782,7 +782,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--round", type=int, required=True)
     p.add_argument("--json", action="store_true")
 
-    p = add("serve", cmd_serve, "serve the web app (annotator and researcher pages)")
+    p = add(
+        "serve",
+        cmd_serve,
+        "serve the web app (annotator and researcher pages); while it runs it owns the "
+        "workspace database and other prefloop commands go through it",
+    )
     p.add_argument("--port", type=int, default=8501)
     p.add_argument("--address", default="localhost")
 

@@ -18,6 +18,7 @@ from store.errors import PrefloopError, storage_error
 
 DB_NAME = "prefloop.duckdb"
 T = TypeVar("T")
+U = TypeVar("U")
 LOCK_TIMEOUT_S = float(os.environ.get("PREFLOOP_LOCK_TIMEOUT", "60"))
 
 MIGRATIONS: list[str] = [
@@ -287,15 +288,26 @@ def is_lock_error(exc: Exception) -> bool:
     return "lock" in text and ("conflicting" in text or "could not set" in text)
 
 
-def _open(ws: Workspace, read_only: bool, timeout_s: float) -> duckdb.DuckDBPyConnection:
+def _open(
+    ws: Workspace,
+    read_only: bool,
+    timeout_s: float,
+    give_way: Callable[[], T | None] | None = None,
+) -> duckdb.DuckDBPyConnection | T:
     return with_lock_retry(
-        ws, lambda: duckdb.connect(str(ws.db_path), read_only=read_only), timeout_s
+        ws, lambda: duckdb.connect(str(ws.db_path), read_only=read_only), timeout_s, give_way
     )
 
 
-def with_lock_retry(ws: Workspace, open_file: Callable[[], T], timeout_s: float) -> T:
+def with_lock_retry(
+    ws: Workspace,
+    open_file: Callable[[], T],
+    timeout_s: float,
+    give_way: Callable[[], U | None] | None = None,
+) -> T | U:
     """open_file() (which opens the workspace database), retried with backoff while another
-    process holds the file, for at most timeout_s."""
+    process holds the file, for at most timeout_s; between tries, what give_way() returns
+    instead once that is not None (a process that started owning the database meanwhile)."""
     deadline = time.monotonic() + timeout_s
     delay = 0.05
     while True:
@@ -306,6 +318,9 @@ def with_lock_retry(ws: Workspace, open_file: Callable[[], T], timeout_s: float)
                 raise storage_error(exc, ws.db_path) or PrefloopError(
                     f"cannot open {ws.db_path}: {exc}"
                 ) from exc
+            instead = give_way() if give_way is not None else None
+            if instead is not None:
+                return instead
             if time.monotonic() >= deadline:
                 raise PrefloopError(
                     f"the workspace database {ws.db_path} is held by another process "
@@ -364,7 +379,17 @@ def connect(
         with _storage_errors(ws), through as con:
             yield con  # on the owner: a cursor, or the part of a connection the store uses
         return
-    con = _open(ws, read_only, LOCK_TIMEOUT_S if timeout_s is None else timeout_s)
+    # the web app may start owning the database while this waits for the file
+    con = _open(
+        ws,
+        read_only,
+        LOCK_TIMEOUT_S if timeout_s is None else timeout_s,
+        lambda: db_owner.session(ws, turns=turns),
+    )
+    if not isinstance(con, duckdb.DuckDBPyConnection):
+        with _storage_errors(ws), con as through_owner:
+            yield through_owner
+        return
     try:
         if not read_only:
             migrate(con)
