@@ -61,6 +61,8 @@ def _enc(value: Any) -> Any:
     """A JSON-safe form of a DuckDB / Python value (tagged where JSON has no type for it)."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if value is pd.NaT:
+        return None
     if isinstance(value, (list, tuple)):
         return [_enc(v) for v in value]
     if isinstance(value, dt.datetime):
@@ -79,8 +81,8 @@ def _enc(value: Any) -> Any:
         return {_TAG: "uuid", "v": str(value)}
     if isinstance(value, dict):
         return {_TAG: "dict", "v": [[_enc(k), _enc(v)] for k, v in value.items()]}
-    if hasattr(value, "item"):  # numpy scalars
-        return _enc(value.item())
+    if hasattr(value, "tolist"):  # numpy arrays and scalars
+        return _enc(value.tolist())
     raise TypeError(f"cannot send a {type(value).__name__} to the database owner")
 
 
@@ -453,9 +455,13 @@ class RemoteConnection:
             _send(self._sock, header, blob)
             reply, out = _recv(self._sock)
         except (ConnectionError, OSError) as exc:
+            if header["op"] == "commit":
+                outcome = "it stopped while committing: check whether the change was stored"
+            else:
+                outcome = "nothing of this unit of work was stored: run the command again"
             raise PrefloopError(
                 f"lost the connection to the process that owns {self._ws.db_path} "
-                f"(the web app stopped?); nothing of this unit of work was stored: retry"
+                f"(the web app stopped?); {outcome}"
             ) from exc
         if "error" in reply:
             raise _rebuild_error(reply)

@@ -186,3 +186,42 @@ def test_a_client_whose_owner_goes_away_mid_work_gets_one_line(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         con.execute("SELECT 2").fetchone()
+
+
+def test_the_web_app_started_by_serve_owns_the_database(tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from store import users
+
+    ws = make_workspace(tmp_path / "ws")
+    with storedb.connect(ws) as con:
+        users.add_user(con, "ada", "admin", "correct horse battery")
+    monkeypatch.setenv("PREFLOOP_WORKSPACE", str(ws.root))
+    monkeypatch.setenv(owner.SERVE_ENV, "1")  # what `prefloop serve` sets for the app
+    app = ROOT / "app" / "streamlit_app.py"
+    try:
+        at = AppTest.from_file(str(app), default_timeout=60)
+        at.run()
+        assert not at.exception, at.exception
+        assert owner.owned(ws) is not None and file_is_held(ws)
+        # a command line user adds an account while the app runs; the app's page lists it
+        proc = subprocess.run(
+            [sys.executable, "-m", "app.cli", "users", "add", "zoe", "--role", "annotator"]
+            + ["--password-stdin", "--workspace", str(ws.root)],
+            input="long enough pw\n",
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
+        at.text_input(key="login_name").input("ada")
+        at.text_input(key="login_password").input("correct horse battery")
+        at.button(key="sign_in").click().run()
+        at.sidebar.radio(key="page").set_value("Admin").run()
+        assert not at.exception, at.exception
+        assert "zoe" in " ".join(str(df.value) for df in at.dataframe)
+    finally:
+        owner.release(ws)
+    assert not (ws.root / owner.OWNER_FILE).exists()
