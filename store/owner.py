@@ -402,9 +402,15 @@ def own(ws: db.Workspace, *, serve: bool = True) -> Owner:
 
 
 def own_if_serving(ws: db.Workspace) -> None:
-    """Own ws's database when this process is the web app started by `prefloop serve`."""
-    if os.environ.get(SERVE_ENV) == "1":
-        own(ws)
+    """Own ws's database when this process is the web app started by `prefloop serve` (and
+    no other process owns it already: a second web app on the workspace goes through it)."""
+    if os.environ.get(SERVE_ENV) != "1" or owned(ws) is not None:
+        return
+    other = dial(ws)
+    if other is not None:
+        other.close()
+        return
+    own(ws)
 
 
 def release(ws: db.Workspace) -> None:
