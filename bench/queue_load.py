@@ -64,14 +64,14 @@ def make_round(ws: storedb.Workspace, n_groups: int, k: int, overlap: int, tag: 
     return rid
 
 
-def annotate(root: str, name: str, rid: int, stop_at: float, think: float, seed: int) -> dict:
-    """One annotator: take, think, submit, until stop_at or the round has nothing left for
-    them. Returns latencies (s) and the labels the API accepted."""
+def annotate(root: str, name: str, rid: int, stop: str, think: float, seed: int) -> dict:
+    """One annotator: take, think, submit, until the file stop exists (the job ended) or the
+    round has nothing left for them. Returns latencies (s) and the labels the API accepted."""
     ws = storedb.workspace(root)
     user = User(name, "annotator")
     rng = random.Random(seed)
     takes, submits, accepted, refused = [], [], [], 0
-    while time.time() < stop_at:
+    while not os.path.exists(stop):
         t0 = time.perf_counter()
         job = actions.next_group(ws, user, rid)
         takes.append(time.perf_counter() - t0)
@@ -151,15 +151,15 @@ def run_phase(ws, args, kind: str, rid: int) -> dict:
     with storedb.connect(ws) as con:
         for name in names:
             users.add_user(con, name, "annotator", PASSWORD)
+    stop = ws.root / f".bench-stop-{kind}"
     job_started = time.perf_counter()
     job = start_sample(ws, args)
-    stop_at = time.time() + args.max_seconds
     results: list[dict] = []
     if kind == "threads":
         lock = threading.Lock()
 
         def one(i: int, name: str) -> None:
-            r = annotate(str(ws.root), name, rid, stop_at, args.think, i)
+            r = annotate(str(ws.root), name, rid, str(stop), args.think, i)
             with lock:
                 results.append(r)
 
@@ -167,6 +167,7 @@ def run_phase(ws, args, kind: str, rid: int) -> dict:
         for t in threads:
             t.start()
         job_s = wait_job(job, job_started)
+        stop.touch()
         for t in threads:
             t.join()
     else:
@@ -177,7 +178,7 @@ def run_phase(ws, args, kind: str, rid: int) -> dict:
                     sys.executable,
                     __file__,
                     "--worker",
-                    json.dumps([str(ws.root), n, rid, stop_at, args.think, i]),
+                    json.dumps([str(ws.root), n, rid, str(stop), args.think, i]),
                 ],
                 cwd=REPO,
                 env=env,
@@ -187,6 +188,7 @@ def run_phase(ws, args, kind: str, rid: int) -> dict:
             for i, n in enumerate(names)
         ]
         job_s = wait_job(job, job_started)
+        stop.touch()
         for p in procs:
             out, _ = p.communicate()
             if p.returncode != 0:
@@ -207,8 +209,8 @@ def run_phase(ws, args, kind: str, rid: int) -> dict:
 
 
 def worker_main(spec: str) -> None:
-    root, name, rid, stop_at, think, seed = json.loads(spec)
-    result = annotate(root, name, rid, stop_at, think, seed)
+    root, name, rid, stop, think, seed = json.loads(spec)
+    result = annotate(root, name, rid, stop, think, seed)
     print(json.dumps(result))
 
 
@@ -226,7 +228,6 @@ def main() -> None:
     )
     parser.add_argument("--limit", type=int, default=16, help="prompts the sampling job samples")
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--max-seconds", type=float, default=600)
     parser.add_argument("--phases", default="threads,processes")
     parser.add_argument("--model", default=None, help="model folder (default: the default model)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
