@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -147,7 +148,7 @@ def test_backup_restores_an_equal_workspace_even_while_another_process_holds_it(
     # another process holds the file for a second: the backup waits for it, as commands do
     holder = subprocess.Popen(
         [
-            "python",
+            sys.executable,
             "-c",
             "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); "
             "print('held', flush=True); time.sleep(1.5); c.close()",
