@@ -346,15 +346,24 @@ def migrate(con: duckdb.DuckDBPyConnection, upto: int = SCHEMA_VERSION) -> int:
             f"understands ({SCHEMA_VERSION}); upgrade prefloop to open it"
         )
     for version in range(found + 1, upto + 1):
-        con.execute("BEGIN")
-        try:
+        with transaction(con):
             con.execute(MIGRATIONS[version - 1])
             con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(version)])
-            con.execute("COMMIT")
-        except Exception:
-            con.execute("ROLLBACK")
-            raise
     return found
+
+
+@contextmanager
+def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
+    """One transaction on con: committed when the work ends, rolled back if it raises."""
+    con.execute("BEGIN")
+    try:
+        yield con
+    except BaseException:
+        # a failed write (full disk) may have ended the transaction already
+        with contextlib.suppress(duckdb.Error):
+            con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
 
 
 @contextmanager
@@ -400,15 +409,8 @@ def connect(
                     f"workspace schema is version {version}, expected {SCHEMA_VERSION}; "
                     "open it once read-write (any prefloop command) to migrate"
                 )
-        con.execute("BEGIN")
-        try:
+        with transaction(con):
             yield con
-        except BaseException:
-            # a failed write (full disk) may have ended the transaction already
-            with contextlib.suppress(duckdb.Error):
-                con.execute("ROLLBACK")
-            raise
-        con.execute("COMMIT")
     except (duckdb.Error, OSError) as exc:
         error = storage_error(exc, ws.db_path)  # a full disk or a damaged file: one line
         if error is None:

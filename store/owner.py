@@ -220,14 +220,8 @@ class Owner:
             if not transaction:
                 yield cur
                 return
-            cur.execute("BEGIN")
-            try:
+            with db.transaction(cur):
                 yield cur
-            except BaseException:
-                with contextlib.suppress(duckdb.Error):
-                    cur.execute("ROLLBACK")
-                raise
-            cur.execute("COMMIT")
         finally:
             cur.close()
 
