@@ -142,11 +142,20 @@ class Ticket:
 
 
 def choose(
-    options: list[Option], annotator: str, round_id: int, done: int, now: datetime
+    options: list[Option],
+    annotator: str,
+    round_id: int,
+    done: int,
+    now: datetime,
+    total: int | None = None,
 ) -> Option | None:
-    """The queue's policy: which of the available groups an annotator gets (see module doc)."""
+    """The queue's policy: which of the available groups an annotator gets (see module doc).
+
+    options may be a subset of the open groups (store.assignment.offer's) as long as it holds
+    the own leases, the gold groups and the best regular group; total counts all open groups."""
     if not options:
         return None
+    total = len(options) if total is None else total
     own = [o for o in options if o.own_expires is not None]
     live = [o for o in own if o.own_expires > now]
     if live or own:
@@ -154,7 +163,7 @@ def choose(
     gold = [o for o in options if o.gold]
     regular = [o for o in options if not o.gold]
     rng = random.Random(_stable("gold", annotator, round_id, done))
-    if gold and (not regular or rng.random() < len(gold) / len(options)):
+    if gold and (not regular or rng.random() < len(gold) / total):
         return min(gold, key=lambda o: _stable(annotator, o.group_id))
     return min(regular, key=lambda o: (-o.filled, o.group_id))
 
@@ -176,15 +185,15 @@ def take(
     def work(con: duckdb.DuckDBPyConnection) -> Ticket:
         assignment.lock_round(con, round_id)
         at = now or utcnow()
-        options = assignment.options(con, annotator, round_id, at)
-        done = assignment.done_count(con, annotator, round_id)
-        pick = choose(options, annotator, int(round_id), done, at)
+        found = assignment.offer(con, annotator, round_id, at)
+        done = found.done
+        pick = choose(found.options, annotator, int(round_id), done, at, found.total)
         if pick is None:
             return Ticket(int(round_id), None, done, 0)
         expires = at + timedelta(seconds=lease)
         assignment.hold(con, pick.group_id, annotator, expires)
         group = rounds.groups(con, group_ids=[pick.group_id])[0]
-        return Ticket(int(round_id), group, done, len(options), expires)
+        return Ticket(int(round_id), group, done, found.total, expires)
 
     return _unit(ws, work)
 
@@ -205,15 +214,13 @@ def _submit(
     source: str,
     *,
     outside_queue_ok: bool = False,
+    expires: datetime | None = None,
 ) -> int:
-    """Store a new label under the round's lock, refusing one that would exceed the target."""
+    """Store a new label under the round's lock, refusing one that would exceed the target.
+
+    expires: the annotator's lease on the group (store.assignment.standing), which the caller
+    looked up after checking that they have no label on it yet."""
     gid, annotator = int(record.group_id), record.annotator
-    if labels.label_id(con, gid, annotator) is not None:
-        raise PrefloopError(
-            f"group {gid} already has a label from {annotator!r}; each annotator labels a group "
-            "once (revise it instead)"
-        )
-    expires = assignment.lease_expires(con, gid, annotator)
     skipped = "skipped" in record.flags
     if not (expires is not None and expires > at) and not skipped:
         slot = assignment.slot(con, gid, annotator, at)
@@ -230,9 +237,17 @@ def _submit(
             raise PrefloopError(
                 f"{why}; your label was not stored. Take the next group from the queue."
             )
-    labels.add_labels(con, [record], source=source)
-    assignment.drop(con, gid, annotator)
-    return labels.label_id(con, gid, annotator)
+    label = labels.add_label(con, record, source=source)
+    if expires is not None:
+        assignment.drop(con, gid, annotator)
+    return label
+
+
+def _already(gid: int, annotator: str) -> PrefloopError:
+    return PrefloopError(
+        f"group {gid} already has a label from {annotator!r}; each annotator labels a group "
+        "once (revise it instead)"
+    )
 
 
 def submit(
@@ -250,8 +265,11 @@ def submit(
     record = replace(record, annotator=_annotator(record.annotator))
 
     def work(con: duckdb.DuckDBPyConnection) -> int:
-        assignment.lock_round(con, assignment.round_of_group(con, record.group_id))
-        return _submit(con, record, now or utcnow(), source)
+        assignment.lock_group_round(con, record.group_id)
+        label, expires = assignment.standing(con, record.group_id, record.annotator)
+        if label is not None:
+            raise _already(int(record.group_id), record.annotator)
+        return _submit(con, record, now or utcnow(), source, expires=expires)
 
     return _unit(ws, work)
 
@@ -277,7 +295,7 @@ def revise(ws: storedb.Workspace, record: LabelRecord, *, now: datetime | None =
     record = replace(record, annotator=_annotator(record.annotator))
 
     def work(con: duckdb.DuckDBPyConnection) -> int:
-        assignment.lock_round(con, assignment.round_of_group(con, record.group_id))
+        assignment.lock_group_round(con, record.group_id)
         return _revise(con, record, now or utcnow())
 
     return _unit(ws, work)
@@ -301,12 +319,13 @@ def save(ws: storedb.Workspace, record: LabelRecord, *, now: datetime | None = N
     record = replace(record, annotator=_annotator(record.annotator))
 
     def work(con: duckdb.DuckDBPyConnection) -> Saved:
-        assignment.lock_round(con, assignment.round_of_group(con, record.group_id))
+        assignment.lock_group_round(con, record.group_id)
         at = now or utcnow()
-        lid = labels.label_id(con, record.group_id, record.annotator)
+        lid, expires = assignment.standing(con, record.group_id, record.annotator)
         if lid is not None:
             return Saved(lid, _revise(con, record, at))
-        return Saved(_submit(con, record, at, SOURCE, outside_queue_ok=True), 1)
+        label = _submit(con, record, at, SOURCE, outside_queue_ok=True, expires=expires)
+        return Saved(label, 1)
 
     return _unit(ws, work)
 
@@ -318,7 +337,7 @@ def release(
     annotator = _annotator(annotator)
 
     def work(con: duckdb.DuckDBPyConnection) -> bool:
-        assignment.lock_round(con, assignment.round_of_group(con, group_id))
+        assignment.lock_group_round(con, group_id)
         return assignment.expire(con, group_id, annotator, now or utcnow())
 
     return _unit(ws, work)

@@ -64,6 +64,32 @@ def lock_round(con: duckdb.DuckDBPyConnection, round_id: int) -> None:
     con.execute("UPDATE rounds SET overlap = overlap - 1 WHERE id = ?", [int(round_id)])
 
 
+def lock_group_round(con: duckdb.DuckDBPyConnection, group_id: int) -> int:
+    """Take the write lock of a group's round (see lock_round); the round's id."""
+    found = con.execute(
+        "UPDATE rounds SET overlap = coalesce(overlap, 1) + 1 "
+        "WHERE id = (SELECT round_id FROM groups WHERE id = ?) RETURNING id",
+        [int(group_id)],
+    ).fetchall()
+    if not found:
+        raise PrefloopError(f"unknown group_id {group_id}")
+    round_id = int(found[0][0])
+    con.execute("UPDATE rounds SET overlap = overlap - 1 WHERE id = ?", [round_id])
+    return round_id
+
+
+def standing(
+    con: duckdb.DuckDBPyConnection, group_id: int, annotator: str
+) -> tuple[int | None, datetime | None]:
+    """The annotator's label id on a group and when their lease on it ends (or ended)."""
+    row = con.execute(
+        "SELECT (SELECT id FROM labels WHERE group_id = $g AND annotator = $a), "
+        "(SELECT expires FROM leases WHERE group_id = $g AND annotator = $a)",
+        {"g": int(group_id), "a": annotator.strip()},
+    ).fetchone()
+    return (None if row[0] is None else int(row[0])), row[1]
+
+
 def round_of_group(con: duckdb.DuckDBPyConnection, group_id: int) -> int:
     """The round a group belongs to; unknown groups raise."""
     row = con.execute("SELECT round_id FROM groups WHERE id = ?", [int(group_id)]).fetchone()
@@ -72,48 +98,61 @@ def round_of_group(con: duckdb.DuckDBPyConnection, group_id: int) -> int:
     return int(row[0])
 
 
-_FILLED = f"""
-    (SELECT count(*) FROM labels l WHERE l.group_id = g.id AND NOT l.{SKIPPED_SQL})
-    + (SELECT count(*) FROM leases s
-       WHERE s.group_id = g.id AND s.annotator <> $annotator AND s.expires > $now)
+@dataclass(frozen=True)
+class Offer:
+    """What the queue policy needs to pick an annotator's next group of a round."""
+
+    options: list[Option]  # own leases, gold groups, and the fullest other group with a slot
+    total: int  # groups the annotator could get (gold or with a free slot)
+    done: int  # groups of the round the annotator has labelled (skips included)
+
+
+_OFFER = f"""
+    WITH rg AS (SELECT id FROM groups WHERE round_id = $round),
+    lab AS (
+        SELECT l.group_id, count(*) FILTER (WHERE NOT l.{SKIPPED_SQL}) AS n,
+               bool_or(l.annotator = $annotator) AS mine
+        FROM labels l SEMI JOIN rg ON rg.id = l.group_id GROUP BY l.group_id),
+    ls AS (
+        SELECT s.group_id,
+               count(*) FILTER (WHERE s.annotator <> $annotator AND s.expires > $now) AS n,
+               max(s.expires) FILTER (WHERE s.annotator = $annotator) AS own
+        FROM leases s SEMI JOIN rg ON rg.id = s.group_id GROUP BY s.group_id),
+    open AS (
+        SELECT rg.id, coalesce(lab.n, 0) + coalesce(ls.n, 0) AS filled,
+               rg.id IN (SELECT group_id FROM gold) AS gold, ls.own,
+               coalesce(lab.mine, false) AS mine
+        FROM rg LEFT JOIN lab ON lab.group_id = rg.id LEFT JOIN ls ON ls.group_id = rg.id),
+    opts AS (
+        SELECT id, filled, gold, own FROM open
+        WHERE NOT mine
+          AND (gold OR filled < (SELECT coalesce(overlap, 1) FROM rounds WHERE id = $round))),
+    best AS (SELECT id FROM opts WHERE NOT gold ORDER BY filled DESC, id LIMIT 1),
+    head AS (
+        SELECT (SELECT count(*) FROM opts) AS total,
+               (SELECT count(*) FROM open WHERE mine) AS done)
+    SELECT head.total, head.done, o.id, o.filled, o.gold, o.own
+    FROM head LEFT JOIN opts o
+      ON o.own IS NOT NULL OR o.gold OR o.id IN (SELECT id FROM best)
+    ORDER BY o.id
 """
 
 
-def options(
-    con: duckdb.DuckDBPyConnection, annotator: str, round_id: int, now: datetime
-) -> list[Option]:
-    """Groups of a round the annotator could get now: not labelled by them, and gold or with a
-    free slot. In group order."""
+def offer(con: duckdb.DuckDBPyConnection, annotator: str, round_id: int, now: datetime) -> Offer:
+    """The groups of a round the policy chooses among (one statement: this runs on every
+    hand-out). A group is open to the annotator when they have not labelled it and it is gold or
+    has a free slot; of the regular open groups only the fullest (then lowest id) is returned,
+    the one the policy would pick among them."""
     rows = con.execute(
-        f"""
-        SELECT g.id, {_FILLED} AS filled,
-               g.id IN (SELECT group_id FROM gold) AS gold,
-               (SELECT s.expires FROM leases s
-                WHERE s.group_id = g.id AND s.annotator = $annotator) AS own_expires,
-               coalesce(r.overlap, 1) AS overlap
-        FROM groups g JOIN rounds r ON r.id = g.round_id
-        WHERE g.round_id = $round
-          AND g.id NOT IN (SELECT group_id FROM labels WHERE annotator = $annotator)
-        ORDER BY g.id
-        """,
-        {"annotator": annotator, "now": now, "round": int(round_id)},
+        _OFFER, {"annotator": annotator, "now": now, "round": int(round_id)}
     ).fetchall()
-    return [
+    total, done = int(rows[0][0]), int(rows[0][1])
+    options = [
         Option(int(gid), int(filled), bool(gold), own)
-        for gid, filled, gold, own, overlap in rows
-        if gold or filled < overlap
+        for _, _, gid, filled, gold, own in rows
+        if gid is not None
     ]
-
-
-def done_count(con: duckdb.DuckDBPyConnection, annotator: str, round_id: int) -> int:
-    """Groups of a round the annotator has labelled (skips included)."""
-    return int(
-        con.execute(
-            "SELECT count(*) FROM labels l JOIN groups g ON g.id = l.group_id "
-            "WHERE g.round_id = ? AND l.annotator = ?",
-            [int(round_id), annotator],
-        ).fetchone()[0]
-    )
+    return Offer(options, total, done)
 
 
 def slot(con: duckdb.DuckDBPyConnection, group_id: int, annotator: str, now: datetime) -> Slot:

@@ -191,35 +191,33 @@ def _placeholders(values: list) -> str:
 
 def _members(
     con: duckdb.DuckDBPyConnection, ids: list[int]
-) -> tuple[dict[int, list[int]], dict[int, str]]:
-    """Candidate ids (in position order) and the round's mode of each group."""
+) -> tuple[dict[int, list[int]], dict[int, str], set[tuple[int, str]]]:
+    """Candidate ids (in position order) and the round's mode of each group, and the
+    (group, annotator) pairs already labelled."""
     if not ids:
-        return {}, {}
+        return {}, {}, set()
+    among = _placeholders(ids)
     rows = con.execute(
-        f"SELECT c.group_id, list(c.id ORDER BY c.position), any_value(r.mode) FROM candidates c "
-        f"JOIN groups g ON g.id = c.group_id JOIN rounds r ON r.id = g.round_id "
-        f"WHERE c.group_id IN ({_placeholders(ids)}) GROUP BY c.group_id",
-        ids,
+        f"SELECT c.group_id, list(c.id ORDER BY c.position), any_value(r.mode), "
+        f"any_value(e.names) FROM candidates c JOIN groups g ON g.id = c.group_id "
+        f"JOIN rounds r ON r.id = g.round_id LEFT JOIN (SELECT group_id, list(annotator) AS names "
+        f"FROM labels WHERE group_id IN ({among}) GROUP BY group_id) e ON e.group_id = c.group_id "
+        f"WHERE c.group_id IN ({among}) GROUP BY c.group_id",
+        ids + ids,
     ).fetchall()
-    return {int(g): list(c) for g, c, _ in rows}, {int(g): m or "rank" for g, _, m in rows}
+    members = {int(g): list(c) for g, c, _, _ in rows}
+    modes = {int(g): m or "rank" for g, _, m, _ in rows}
+    existing = {(int(g), a) for g, _, _, names in rows for a in names or []}
+    return members, modes, existing
 
 
-def add_labels(
-    con: duckdb.DuckDBPyConnection, records: list[LabelRecord], source: str = "label"
-) -> int:
-    """Validate and store labels; any invalid record rejects them all (caller's transaction)."""
+def _validated(
+    con: duckdb.DuckDBPyConnection, records: list[LabelRecord], source: str
+) -> tuple[list[tuple[int, str]], list[_Stored]]:
+    """The (group, annotator) key and stored values of each record; raises on the first bad one."""
     ids = sorted({r.group_id for r in records})
-    members, modes = _members(con, ids)
+    members, modes, existing = _members(con, ids)
     keys = [(r.group_id, r.annotator.strip() if r.annotator else "") for r in records]
-    existing = set()
-    if ids:
-        existing = {
-            (int(g), a)
-            for g, a in con.execute(
-                f"SELECT group_id, annotator FROM labels WHERE group_id IN ({_placeholders(ids)})",
-                ids,
-            ).fetchall()
-        }
     seen: set[tuple[int, str]] = set()
     stored: list[_Stored] = []
     for record, key in zip(records, keys, strict=True):
@@ -230,11 +228,19 @@ def add_labels(
                 f"{record.annotator!r}; each annotator ranks a group once"
             )
         seen.add(key)
+    return [(int(g), a) for g, a in keys], stored
+
+
+def add_labels(
+    con: duckdb.DuckDBPyConnection, records: list[LabelRecord], source: str = "label"
+) -> int:
+    """Validate and store labels; any invalid record rejects them all (caller's transaction)."""
+    keys, stored = _validated(con, records, source)
     if not records:
         return 0
     df = pd.DataFrame(
         {
-            "group_id": [r.group_id for r in records],
+            "group_id": [g for g, _ in keys],
             "annotator": [a for _, a in keys],
             "ranking": pd.Series([s.ranking for s in stored], dtype="object"),
             "flags": [s.flags for s in stored],
@@ -254,6 +260,19 @@ def add_labels(
     finally:
         con.unregister("_new_labels")
     return len(records)
+
+
+def add_label(con: duckdb.DuckDBPyConnection, record: LabelRecord, source: str = "label") -> int:
+    """Validate and store one label; its id. (One statement and no DataFrame: this runs on every
+    submission from the annotator page.)"""
+    [(gid, annotator)], [s] = _validated(con, [record], source)
+    row = con.execute(
+        "INSERT INTO labels (group_id, annotator, ranking, flags, comment, thumbs, ratings, "
+        "seconds, revision, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, current_timestamp) "
+        "RETURNING id",
+        [gid, annotator, s.ranking, s.flags, s.comment, s.thumbs, s.ratings, s.seconds],
+    ).fetchone()
+    return int(row[0])
 
 
 def _decode(df: pd.DataFrame) -> pd.DataFrame:
@@ -346,7 +365,7 @@ def revise_label(
             f"version(s) {', '.join(frozen)} and can no longer be revised (dataset versions "
             "are immutable); add a comment for the researcher instead"
         )
-    members, modes = _members(con, [int(record.group_id)])
+    members, modes, _ = _members(con, [int(record.group_id)])
     new = _prepare(record, members, modes, source)
     if new.same_content(_Stored(*old_values)):
         raise PrefloopError(
