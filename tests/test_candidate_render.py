@@ -3,8 +3,11 @@ the label recording the view), and the export flag for pairs judged on a changed
 
 from __future__ import annotations
 
+import json
 import re
 
+import duckdb
+import pandas as pd
 import pytest
 from markdown_it import MarkdownIt
 
@@ -15,6 +18,7 @@ from labeling.exporting import export_dataset
 from labeling.safe_text import WORD_JOINER
 from store import db as storedb
 from store import labels
+from store.errors import PrefloopError
 from store.records import LabelRecord
 from tests.cli_helpers import read_jsonl
 from tests.fixtures_app import add_prompts, make_workspace, seed_round
@@ -309,3 +313,43 @@ def test_exported_pairs_say_when_the_view_differs_from_the_text(tmp_path):
     path, _ = export_dataset(ws, "listwise", tmp_path / "out2" / "list.jsonl", version)
     flags = {tuple(row["completions"]): row["view_differs"] for row in read_jsonl(path)}
     assert flags[("clean", "hidden\u200bspace")] == [False, True]
+
+
+# ----------------------------------------------------------------------------------------------
+# the schema: an older workspace gains the columns, revisions keep the view they replace
+
+
+def test_an_older_workspace_migrates_and_its_labels_have_no_view(tmp_path):
+    old = storedb.create(tmp_path / "old", base_model="m", upto=6)
+    r = seed_round(old, n_groups=1, k=2)
+    with duckdb.connect(str(old.db_path)) as raw:  # a label written by the older schema
+        raw.execute(
+            "INSERT INTO labels (group_id, annotator, ranking, flags) VALUES (?, 'old', ?, '[]')",
+            [r.group_ids[0], json.dumps([[c] for c in r.candidate_ids[0]])],
+        )
+    with storedb.connect(old) as con:
+        assert storedb.schema_version(con) == storedb.SCHEMA_VERSION
+        row = labels.labels(con).iloc[0]
+    assert row["annotator"] == "old" and pd.isna(row["render_hash"])
+
+
+def test_a_revision_keeps_the_view_of_the_label_it_replaces(tmp_path):
+    ws = make_workspace(tmp_path / "ws")
+    r = seed_round(ws, n_groups=1, k=2)
+    gid, cids = r.group_ids[0], r.candidate_ids[0]
+    with storedb.connect(ws) as con:
+        labels.add_labels(con, [LabelRecord(gid, "ann", [[cids[0]], [cids[1]]], render_hash="a1")])
+        labels.revise_label(
+            con,
+            LabelRecord(
+                gid, "ann", [[cids[1]], [cids[0]]], render_version="md-1", render_hash="b2"
+            ),
+        )
+        current = labels.labels(con).iloc[0]
+        kept = con.execute("SELECT render_hash FROM label_revisions").fetchall()
+        with pytest.raises(PrefloopError, match="render_hash must be a short string"):
+            labels.add_labels(
+                con, [LabelRecord(gid, "bob", [[cids[0]], [cids[1]]], render_hash="x" * 100)]
+            )
+    assert (current["render_version"], current["render_hash"]) == ("md-1", "b2")
+    assert kept == [("a1",)]
