@@ -1,8 +1,9 @@
 """The annotator page: rank (or thumb) the next group of a round, by mouse or keyboard.
 
 Keys: 1..K rank the candidate in that slot next, t ties the next key with the last pick,
-u undoes, s skips, b flags all bad and submits, Enter submits. Model output is shown only as
-plain text, the round's guidelines through the safe Markdown subset of labeling.safe_text.
+u undoes, s skips, b flags all bad and submits, Enter submits. Model output (candidates and
+prompts) is drawn by app.candidate_view (Markdown without HTML, code highlighted, the rest
+inert), the round's guidelines through the safe Markdown subset of labeling.safe_text.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import time
 
 import streamlit as st
 
-from app import actions
+from app import actions, candidate_view
 from labeling import annotation
 from labeling.safe_text import plain, safe_markdown
 from store import db as storedb
@@ -148,6 +149,7 @@ def _store_label(ws: storedb.Workspace, user: User, how: str) -> None:
         record.ratings = ratings or None
         shown = st.session_state.get(f"shown_{gid}")
         record.seconds = round(time.time() - shown, 3) if shown else None
+        candidate_view.stamp(record, state)
         actions.submit_label(ws, user, record)
     except PrefloopError as exc:
         st.session_state["annot_error"] = str(exc)
@@ -165,11 +167,11 @@ def _show_prompt(group) -> None:
     with st.container(border=True):
         st.caption("Prompt")
         if group.messages:
-            for turn in group.messages:  # imported data: plain text only, roles included
+            for turn in group.messages:  # imported data: the role as plain text
                 st.text(f"[{turn.get('role', '')}]")
-                st.text(str(turn.get("content", "")))
+                candidate_view.show_text(str(turn.get("content", "")))
         else:
-            st.text(group.prompt)
+            candidate_view.show_text(group.prompt)
 
 
 def _candidate_box(state: annotation.RankingState, slot: int, thumbs_mode: bool) -> None:
@@ -182,7 +184,7 @@ def _candidate_box(state: annotation.RankingState, slot: int, thumbs_mode: bool)
         if place is not None:
             head += f" · ranked #{place}"
         st.markdown(head)
-        st.text(state.text_of(name))
+        candidate_view.show_candidate(state.text_of(name), key=f"{gid}_{name}")
         if thumbs_mode:
             st.segmented_control(
                 "Verdict",

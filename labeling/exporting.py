@@ -6,10 +6,11 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
+from labeling.candidate_render import views_differ
 from labeling.curation import dataset_card
 from labeling.ranking import ordered_pairs, tiers_to_ranks
 from labeling.safe_text import code_block, code_span
-from store import datasets
+from store import datasets, labels
 from store import db as storedb
 from store.errors import PrefloopError
 from store.exports import write_card, write_rows
@@ -25,8 +26,29 @@ def _prompt_fields(record: TrainingGroup, conversational: bool) -> object:
     return record.messages or [{"role": "user", "content": record.prompt}]
 
 
-def pair_rows(records: list[TrainingGroup]) -> list[dict]:
-    """TRL preference rows: prompt/chosen/rejected, conversational when any prompt has messages."""
+Views = dict[int, list[bool]]  # group id -> per candidate: judged on a view that differs
+
+
+def candidate_views(records: list[TrainingGroup], recorded: dict[int, list]) -> Views:
+    """Per group, which candidates may have been judged on a view that differs from their text
+    (recorded: the view hashes of the group's labels; see candidate_render.views_differ)."""
+    return {
+        int(r.group_id): views_differ(r.candidate_ids, r.texts, recorded.get(int(r.group_id), []))
+        for r in records
+        if r.group_id is not None and len(r.candidate_ids) == len(r.texts)
+    }
+
+
+def _differs(views: Views, r: TrainingGroup, *positions: int) -> bool:
+    flags = views.get(int(r.group_id)) if r.group_id is not None else None
+    if flags is None:  # a group without ids: judge by its texts alone
+        flags = views_differ(list(range(len(r.texts))), r.texts, [])
+    return any(flags[p] for p in positions)
+
+
+def pair_rows(records: list[TrainingGroup], views: Views | None = None) -> list[dict]:
+    """TRL preference rows: prompt/chosen/rejected, conversational when any prompt has messages;
+    with views, a view_differs field per pair (either candidate judged on a changed view)."""
     conversational = any(r.messages for r in records)
     rows = []
     for r in records:
@@ -36,7 +58,10 @@ def pair_rows(records: list[TrainingGroup]) -> list[dict]:
             if conversational:
                 chosen = [{"role": "assistant", "content": chosen}]
                 rejected = [{"role": "assistant", "content": rejected}]
-            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+            row = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+            if views is not None:
+                row["view_differs"] = _differs(views, r, a, b)
+            rows.append(row)
     return rows
 
 
@@ -62,18 +87,22 @@ def kto_rows(records: list[TrainingGroup]) -> list[dict]:
     return rows
 
 
-def listwise_rows(records: list[TrainingGroup]) -> list[dict]:
-    """Ranked lists: prompt (or messages), completions, ranks (1 = best, equal = tie)."""
+def listwise_rows(records: list[TrainingGroup], views: Views | None = None) -> list[dict]:
+    """Ranked lists: prompt (or messages), completions, ranks (1 = best, equal = tie); with
+    views, view_differs per completion."""
     conversational = any(r.messages for r in records)
     key = "messages" if conversational else "prompt"
-    return [
-        {
+    rows = []
+    for r in records:
+        row = {
             key: _prompt_fields(r, conversational),
             "completions": list(r.texts),
             "ranks": tiers_to_ranks(r.ranking, len(r.texts)),
         }
-        for r in records
-    ]
+        if views is not None:
+            row["view_differs"] = [_differs(views, r, p) for p in range(len(r.texts))]
+        rows.append(row)
+    return rows
 
 
 def group_rows(groups: list[GroupRecord]) -> list[dict]:
@@ -96,9 +125,10 @@ def group_rows(groups: list[GroupRecord]) -> list[dict]:
 
 
 FORMAT_TEXT = {
-    "pairs": "TRL preference (`prompt`, `chosen`, `rejected`)",
+    "pairs": "TRL preference (`prompt`, `chosen`, `rejected`, and `view_differs`: true when "
+    "the annotators may have judged a view of either text that differs from the text itself)",
     "listwise": "ranked lists (`prompt` or `messages`, `completions`, `ranks`; 1 = best, "
-    "equal = tie)",
+    "equal = tie; `view_differs` per completion)",
     "kto": "TRL unpaired preference (`prompt`, `completion`, `label`: true = thumbs up), one "
     "row per candidate with a majority of thumbs, for TRL's KTOTrainer",
 }
@@ -141,8 +171,13 @@ def export_dataset(
                 "no dataset version yet: run `prefloop dataset freeze` or `prefloop tune` first"
             )
         info = datasets.get_dataset(con, dataset_id)
+        recorded = labels.recorded_views(con, datasets.frozen_labels(con, dataset_id))
     records = datasets.read_groups(ws, info)
-    rows = {"pairs": pair_rows, "listwise": listwise_rows, "kto": kto_rows}[fmt](records)
+    if fmt == "kto":
+        rows = kto_rows(records)
+    else:
+        views = candidate_views(records, recorded)
+        rows = {"pairs": pair_rows, "listwise": listwise_rows}[fmt](records, views)
     if fmt == "kto" and not rows:
         raise PrefloopError(
             f"dataset version {dataset_id} has no thumbs with a majority up or down; the kto "

@@ -52,6 +52,11 @@ def _escape(text: str) -> str:
     return "".join(out)
 
 
+def escape_text(text: str) -> str:
+    """One line of text as inline Markdown that renders as exactly those characters."""
+    return _escape(text)
+
+
 def plain(text: object) -> str:
     """Markdown that renders as exactly `text` (line breaks and indentation kept)."""
     lines = str(text).replace("\r\n", "\n").replace("\r", "\n").split("\n")

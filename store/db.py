@@ -233,6 +233,13 @@ MIGRATIONS: list[str] = [
     );
     ALTER TABLE login_attempts ADD COLUMN client VARCHAR;
     """,
+    # 7: which rendering of the candidates a label was given on (NULL: imported or older)
+    """
+    ALTER TABLE labels ADD COLUMN render_version VARCHAR;
+    ALTER TABLE labels ADD COLUMN render_hash VARCHAR;
+    ALTER TABLE label_revisions ADD COLUMN render_version VARCHAR;
+    ALTER TABLE label_revisions ADD COLUMN render_hash VARCHAR;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

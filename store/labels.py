@@ -87,9 +87,11 @@ class _Stored:
     thumbs: str | None
     ratings: str | None
     seconds: float | None
+    render_version: str | None = None
+    render_hash: str | None = None
 
     def same_content(self, other: _Stored) -> bool:
-        """Whether two labels say the same thing (time spent aside)."""
+        """Whether two labels say the same thing (time spent and the view aside)."""
         keys = ("ranking", "flags", "comment", "thumbs", "ratings")
         return all(getattr(self, k) == getattr(other, k) for k in keys)
 
@@ -156,6 +158,10 @@ def _prepare(
         if not math.isfinite(seconds) or seconds < 0:
             raise PrefloopError(f"{at}seconds spent must be zero or more, got {seconds!r}")
         seconds = float(seconds)
+    for what in ("render_version", "render_hash"):
+        value = getattr(record, what)
+        if value is not None and (not isinstance(value, str) or len(value) > 64):
+            raise PrefloopError(f"{at}{what} must be a short string, got {value!r}")
 
     ranking = record.ranking
     if thumbs is not None and set(thumbs) == set(expected):
@@ -182,6 +188,8 @@ def _prepare(
         thumbs=_encode_map(thumbs),
         ratings=_encode_map(ratings),
         seconds=seconds,
+        render_version=record.render_version,
+        render_hash=record.render_hash,
     )
 
 
@@ -248,13 +256,15 @@ def add_labels(
             "thumbs": pd.Series([s.thumbs for s in stored], dtype="object"),
             "ratings": pd.Series([s.ratings for s in stored], dtype="object"),
             "seconds": pd.Series([s.seconds for s in stored], dtype="float64"),
+            "render_version": pd.Series([s.render_version for s in stored], dtype="object"),
+            "render_hash": pd.Series([s.render_hash for s in stored], dtype="object"),
         }
     )
     con.register("_new_labels", df)
     try:
         con.execute(
             "INSERT INTO labels (group_id, annotator, ranking, flags, comment, thumbs, ratings, "
-            "seconds, revision, updated) "
+            "seconds, render_version, render_hash, revision, updated) "
             "SELECT *, 1, current_timestamp FROM _new_labels"
         )
     finally:
@@ -290,10 +300,11 @@ def labels(
     annotator: str | None = None,
 ) -> pd.DataFrame:
     """Stored labels (group_id, round_id, annotator, ranking, flags, comment, created, thumbs,
-    ratings, seconds, revision, updated, label_id)."""
+    ratings, seconds, revision, updated, label_id, render_version, render_hash)."""
     sql = (
         "SELECT l.group_id, g.round_id, l.annotator, l.ranking, l.flags, l.comment, l.created, "
-        "l.thumbs, l.ratings, l.seconds, l.revision, l.updated, l.id AS label_id "
+        "l.thumbs, l.ratings, l.seconds, l.revision, l.updated, l.id AS label_id, "
+        "l.render_version, l.render_hash "
         "FROM labels l JOIN groups g ON g.id = l.group_id"
     )
     where, params = [], []
@@ -340,8 +351,8 @@ def revise_label(
     if not annotator:
         raise PrefloopError("annotator name is empty")
     row = con.execute(
-        "SELECT id, revision, ranking, flags, comment, thumbs, ratings, seconds, "
-        "coalesce(updated, created) FROM labels WHERE group_id = ? AND annotator = ?",
+        "SELECT id, revision, ranking, flags, comment, thumbs, ratings, seconds, render_version, "
+        "render_hash, coalesce(updated, created) FROM labels WHERE group_id = ? AND annotator = ?",
         [int(record.group_id), annotator],
     ).fetchone()
     if row is None:
@@ -374,12 +385,14 @@ def revise_label(
         )
     con.execute(
         "INSERT INTO label_revisions (label_id, revision, ranking, flags, comment, thumbs, "
-        "ratings, seconds, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "ratings, seconds, render_version, render_hash, created) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [lid, int(revision or 1), *old_values, old_made],
     )
     con.execute(
         "UPDATE labels SET ranking = ?, flags = ?, comment = ?, thumbs = ?, ratings = ?, "
-        "seconds = ?, revision = ?, updated = current_timestamp WHERE id = ?",
+        "seconds = ?, render_version = ?, render_hash = ?, revision = ?, "
+        "updated = current_timestamp WHERE id = ?",
         [
             new.ranking,
             new.flags,
@@ -387,11 +400,28 @@ def revise_label(
             new.thumbs,
             new.ratings,
             new.seconds,
+            new.render_version,
+            new.render_hash,
             int(revision or 1) + 1,
             lid,
         ],
     )
     return int(revision or 1) + 1
+
+
+def recorded_views(con: duckdb.DuckDBPyConnection, label_ids: list[int]) -> dict[int, list]:
+    """Per group, the view hashes these labels recorded (None for labels without one)."""
+    if not label_ids:
+        return {}
+    rows = con.execute(
+        f"SELECT group_id, render_hash FROM labels WHERE id IN ({_placeholders(label_ids)}) "
+        "ORDER BY id",
+        [int(i) for i in label_ids],
+    ).fetchall()
+    out: dict[int, list] = {}
+    for gid, digest in rows:
+        out.setdefault(int(gid), []).append(digest)
+    return out
 
 
 def label_history(con: duckdb.DuckDBPyConnection, group_id: int, annotator: str) -> pd.DataFrame:

@@ -40,6 +40,8 @@ class LabelRecord:
     thumbs: dict[int, bool] | None = None  # thumbs rounds: candidate id -> up (True) / down
     ratings: dict[int, int] | None = None  # optional 1-5 absolute rating per candidate id
     seconds: float | None = None  # time the annotator spent on the group
+    render_version: str | None = None  # the renderer that showed the group (None: not the app)
+    render_hash: str | None = None  # hash of the candidates' view as shown
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from app.cli import build_parser, tune_config
 from app.config_options import config_from_args
 from labeling import annotation
 from labeling.annotation import RankingState
+from labeling.safe_text import WORD_JOINER
 from store import db as storedb
 from store import labels, models, prompts, rounds, runs, users
 from store.errors import PrefloopError
@@ -97,6 +99,15 @@ def wait_for(check, timeout_s: float = JOB_TIMEOUT_S, what: str = "condition"):
 
 def element_values(at: AppTest, kind: str) -> list:
     return [e.value for e in getattr(at, kind)]
+
+
+def shown_text(at: AppTest) -> list[str]:
+    """The text and Markdown elements as a reader sees them (Markdown escapes and the word
+    joiners that keep text inert dropped): how prompts and candidates appear."""
+    markdown = [
+        re.sub(r"\\(.)", r"\1", m).replace(WORD_JOINER, "") for m in element_values(at, "markdown")
+    ]
+    return element_values(at, "text") + markdown
 
 
 @pytest.fixture
@@ -306,7 +317,7 @@ def test_no_rounds_then_a_group(ws):
     assert any("no rounds yet" in v for v in element_values(at, "info"))
     seeded = seed_round(ws, n_groups=1)
     at.run()
-    assert seeded.prompts[0] in element_values(at, "text")
+    assert seeded.prompts[0] in shown_text(at)
 
 
 def test_round_selector_defaults_to_the_newest_round(ws):
@@ -328,7 +339,7 @@ def test_round_selector_defaults_to_the_newest_round(ws):
     ]
     assert "Done 0 / left 1 in this round" in element_values(at, "caption")
     box.set_value(first.round_id).run()
-    assert "Prompt number 1: say something nice." in element_values(at, "text")
+    assert "Prompt number 1: say something nice." in shown_text(at)
 
 
 def first_prompt_id(con, round_id: int) -> int:
@@ -341,7 +352,7 @@ def test_rank_with_tie_and_undo_then_submit(ws):
     at = open_app(annotator="alice")
     assert "Ranking round 1 (model version base)" in at.selectbox(key="round").options
     assert "Done 0 / left 3 in this round" in element_values(at, "caption")
-    shown = element_values(at, "text")
+    shown = shown_text(at)
     assert seeded.prompts[0] in shown
     order = annotation.display_order("alice", gid, 4)
     assert [t for t in shown if t in texts] == [texts[p] for p in order]
@@ -373,8 +384,8 @@ def test_rank_with_tie_and_undo_then_submit(ws):
     assert row["comment"] == "B and C equally good"
     assert "Saved your ranking." in element_values(at, "success")
     assert "Done 1 / left 2 in this round" in element_values(at, "caption")
-    assert seeded.prompts[1] in element_values(at, "text")
-    assert seeded.prompts[0] not in element_values(at, "text")
+    assert seeded.prompts[1] in shown_text(at)
+    assert seeded.prompts[0] not in shown_text(at)
     assert "**Your ranking:** (empty)" in element_values(at, "markdown")
 
 
@@ -419,15 +430,15 @@ def test_a_second_tab_cannot_label_the_same_group_twice(ws):
     click(tab1, "submit")
     click(tab2, "submit")
     assert any("already" in v and "Revise" in v for v in element_values(tab2, "error"))
-    assert seeded.prompts[1] in element_values(tab2, "text")  # and it moves on
+    assert seeded.prompts[1] in shown_text(tab2)  # and it moves on
     assert len(stored_labels(ws)) == 1
 
 
-def test_candidate_text_is_shown_as_plain_text(ws):
+def test_candidate_html_is_shown_as_text(ws):
     seed_round(ws, n_groups=1, k=3, first_texts=[XSS])
     at = open_app(annotator="gus")
-    assert XSS in element_values(at, "text")
-    assert not any("onerror" in str(v) for v in element_values(at, "markdown"))
+    assert "\\<img src=x onerror=alert(1)>**bold**" in element_values(at, "markdown")
+    assert not any(re.search(r"(?<!\\)<img", v) for v in element_values(at, "markdown"))
     assert not any("onerror" in str(v) for v in element_values(at, "caption"))
 
 
@@ -518,7 +529,7 @@ def test_sampling_form_starts_a_job_that_makes_a_round(model_ws):
     # the new round is ready for annotators, its (random) candidates shown as plain text
     at.sidebar.radio(key="page").set_value("Annotator").run()
     assert "Done 0 / left 2 in this round" in element_values(at, "caption")
-    assert "Name a colour." in element_values(at, "text")
+    assert "Name a colour." in shown_text(at)
 
 
 def test_dpo_form_trains_a_version_with_metrics(model_ws):
@@ -582,6 +593,8 @@ def test_conversation_prompts_show_every_turn_as_text(ws):
             con, rid, pid, [rounds.CandidateRecord("Red."), rounds.CandidateRecord("")]
         )
     at = open_app(annotator="mo")
-    shown = element_values(at, "text")
-    assert shown[:4] == ["[system]", "Be *brief*.", "[user]", "Name a colour."]
-    assert {"Red.", ""} <= set(shown)
+    assert element_values(at, "text")[:2] == ["[system]", "[user]"]
+    markdown = element_values(at, "markdown")  # the turns' Markdown is rendered (and escaped)
+    assert markdown.index("Be *brief*.") < markdown.index("Name a colour.")
+    assert "Red." in markdown
+    assert "(empty)" in element_values(at, "caption")  # the empty candidate

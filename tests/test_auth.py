@@ -121,13 +121,13 @@ def test_the_login_page_guards_the_app(ws):
     at = AppTest.from_file(str(APP), default_timeout=60).run()
     assert [s.value for s in at.subheader] == ["Sign in"]
     assert not at.sidebar.radio  # no page before signing in
-    assert not [t for t in at.text if "Prompt number" in t.value]
+    assert not [m for m in at.markdown if "Prompt number" in m.value]
     login(at, "ann", "wrong password")
     assert any("wrong name or password" in e.value for e in at.error)
     assert at.text_input(key="login_password").value == ""
     login(at, "ann", PASSWORD)
     assert at.sidebar.radio(key="page").value == "Annotator"
-    assert "Prompt number 1: say something nice." in [t.value for t in at.text]
+    assert "Prompt number 1\\: say something nice." in [m.value for m in at.markdown]
     at.sidebar.button(key="sign_out").click().run()
     assert [s.value for s in at.subheader] == ["Sign in"]
     assert "Signed out." in [i.value for i in at.info]

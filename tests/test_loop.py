@@ -105,7 +105,8 @@ def test_whole_loop_on_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys) 
     from datasets import load_dataset
 
     ds = load_dataset("json", data_files=str(pairs), split="train")
-    assert ds.num_rows == 36 and set(ds.column_names) == {"prompt", "chosen", "rejected"}
+    assert ds.num_rows == 36
+    assert set(ds.column_names) == {"prompt", "chosen", "rejected", "view_differs"}
     lw = load_dataset("parquet", data_files=str(listwise), split="train")
     assert lw.num_rows == 6 and sorted(lw[0]["ranks"]) == [1, 2, 3, 4]
     by_prompt = {g["prompt"]: g for g in groups}
