@@ -278,9 +278,12 @@ def add_label(con: duckdb.DuckDBPyConnection, record: LabelRecord, source: str =
     [(gid, annotator)], [s] = _validated(con, [record], source)
     row = con.execute(
         "INSERT INTO labels (group_id, annotator, ranking, flags, comment, thumbs, ratings, "
-        "seconds, revision, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, current_timestamp) "
-        "RETURNING id",
-        [gid, annotator, s.ranking, s.flags, s.comment, s.thumbs, s.ratings, s.seconds],
+        "seconds, render_version, render_hash, revision, updated) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, current_timestamp) RETURNING id",
+        [
+            *(gid, annotator, s.ranking, s.flags, s.comment, s.thumbs, s.ratings, s.seconds),
+            *(s.render_version, s.render_hash),
+        ],
     ).fetchone()
     return int(row[0])
 
