@@ -33,8 +33,12 @@ def _mark(text: str, style: str) -> str:
     return f'<span style="{style}">{_visible(text)}</span>'
 
 
+def _words(n: int) -> str:
+    return f"{n} word" if n == 1 else f"{n} words"
+
+
 def _shared_tag(what: str, words: int) -> str:
-    return f'<span style="{SHARED}">[{what}: {words} words]</span>'
+    return f'<span style="{SHARED}">[{what}: {_words(words)}]</span>'
 
 
 def _departure(name: str, parts: differences.SharedParts, middle: str) -> str:
@@ -44,7 +48,7 @@ def _departure(name: str, parts: differences.SharedParts, middle: str) -> str:
     body.append(_mark(middle, DEPARTS) if middle else f'<i style="{SHARED}">(nothing else)</i>')
     if parts.suffix:
         body.append(_shared_tag("shared ending", parts.suffix_words))
-    return f'<div style="{BOX}"><b>{html.escape(name)}</b>  {"".join(body)}</div>'
+    return f'<div style="{BOX}"><b>{html.escape(name)}</b>  {" ".join(body)}</div>'
 
 
 def _side(segments: list[differences.Segment], which: str, style: str) -> str:
@@ -55,7 +59,7 @@ def _side(segments: list[differences.Segment], which: str, style: str) -> str:
 
 def _shared_block(label: str, text: str) -> None:
     words = len(text.split())
-    with st.expander(f"{label}: {words} words, {len(text)} characters, the same in every one"):
+    with st.expander(f"{label}: {_words(words)}, {len(text)} characters, the same in every one"):
         st.html(f'<div style="{BOX}">{html.escape(text)}</div>')
 
 
@@ -82,7 +86,7 @@ def _word_diff(state: RankingState, groups: list[differences.NearGroup]) -> None
     segments = differences.word_diff(state.text_of(a), state.text_of(b))
     only_a = sum(len(s.text.split()) for s in segments if s.kind == "a")
     only_b = sum(len(s.text.split()) for s in segments if s.kind == "b")
-    st.caption(f"{only_a} words only in {a} (red), {only_b} only in {b} (green)")
+    st.caption(f"{_words(only_a)} only in {a} (red), {_words(only_b)} only in {b} (green)")
     cols = st.columns(2)
     with cols[0], st.container(border=True):
         st.markdown(f"**{a}**")

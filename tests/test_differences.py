@@ -241,7 +241,7 @@ def test_differences_view_collapses_shared_text_and_flags_near_twins(ws):
     )
     assert any(f'<span style="{ONLY_A}">{a_word}</span>' in b for b in bodies)
     assert any(f'<span style="{ONLY_B}">{b_word}</span>' in b for b in bodies)
-    assert f"1 words only in {rain} (red), 1 only in {coat} (green)" in element_values(
+    assert f"1 word only in {rain} (red), 1 word only in {coat} (green)" in element_values(
         at, "caption"
     )
     at.selectbox(key=f"diff_b_{gid}").set_value(hostile).run()
