@@ -117,8 +117,37 @@ def side(segments: list[Segment], which: Literal["a", "b"]) -> list[Segment]:
     return [s for s in segments if s.kind in ("equal", which)]
 
 
+def edit_distance(a: list[str], b: list[str]) -> int:
+    """Levenshtein distance of two word lists (insert, delete or replace one word: cost 1)."""
+    # Myers/Hyyrö bit-parallel algorithm: one column of the edit table is a pair of bit
+    # vectors (Python ints, one bit per word of a), so long candidates cost milliseconds
+    if not a or not b:
+        return len(a) + len(b)
+    m = len(a)
+    mask, top = (1 << m) - 1, 1 << (m - 1)
+    match: dict[str, int] = {}
+    for i, word in enumerate(a):
+        match[word] = match.get(word, 0) | (1 << i)
+    up, down, score = mask, 0, m  # vertical deltas +1 / -1; score = D[m][j]
+    for word in b:
+        eq = match.get(word, 0)
+        xv = eq | down
+        xh = ((((eq & up) + up) & mask) ^ up) | eq
+        right = (down | ~(xh | up)) & mask
+        left = up & xh
+        if right & top:
+            score += 1
+        elif left & top:
+            score -= 1
+        right = ((right << 1) | 1) & mask
+        left = (left << 1) & mask
+        up = (left | ~(xv | right)) & mask
+        down = right & xv
+    return score
+
+
 def _edit_distance_within(a: list[str], b: list[str], limit: int) -> int | None:
-    """Word edit distance of a and b if it is at most limit, else None (a banded Levenshtein)."""
+    """Word edit distance of a and b if it is at most limit, else None."""
     if abs(len(a) - len(b)) > limit:
         return None
     # strip what both share at the ends: near-identical texts are mostly that
@@ -129,22 +158,8 @@ def _edit_distance_within(a: list[str], b: list[str], limit: int) -> int | None:
     while end_a > start and end_b > start and a[end_a - 1] == b[end_b - 1]:
         end_a -= 1
         end_b -= 1
-    a, b = a[start:end_a], b[start:end_b]
-    if not a or not b:
-        return len(a) + len(b) if len(a) + len(b) <= limit else None
-    big = limit + 1
-    prev = [j if j <= limit else big for j in range(len(b) + 1)]
-    for i in range(1, len(a) + 1):
-        lo, hi = max(1, i - limit), min(len(b), i + limit)
-        row = [big] * (len(b) + 1)
-        row[0] = i if i <= limit else big
-        for j in range(lo, hi + 1):
-            cost = 0 if a[i - 1] == b[j - 1] else 1
-            row[j] = min(prev[j] + 1, row[j - 1] + 1, prev[j - 1] + cost, big)
-        if min(row[max(0, lo - 1) : hi + 1]) > limit:
-            return None
-        prev = row
-    return prev[len(b)] if prev[len(b)] <= limit else None
+    distance = edit_distance(a[start:end_a], b[start:end_b])
+    return distance if distance <= limit else None
 
 
 def similarity(

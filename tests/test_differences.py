@@ -118,15 +118,19 @@ def reference_distance(a: list[str], b: list[str]) -> int:
     return row[-1]
 
 
-def test_banded_distance_agrees_with_the_plain_edit_distance():
+def test_bit_parallel_distance_agrees_with_the_plain_edit_distance():
     rng = random.Random(7)
     for _ in range(300):
-        a = [rng.choice("abc") for _ in range(rng.randint(0, 12))]
-        b = [rng.choice("abc") for _ in range(rng.randint(0, 12))]
-        limit = rng.randint(0, 6)
+        a = [rng.choice("abc") for _ in range(rng.randint(0, 70))]
+        b = [rng.choice("abc") for _ in range(rng.randint(0, 70))]
+        limit = rng.randint(0, 40)
         want = reference_distance(a, b)
+        assert d.edit_distance(a, b) == want, (a, b)
         got = d._edit_distance_within(a, b, limit)
         assert got == (want if want <= limit else None), (a, b, limit)
+    long_a = [rng.choice("abcdefgh") for _ in range(150)]  # more than one machine word of bits
+    long_b = [rng.choice("abcdefgh") for _ in range(140)]
+    assert d.edit_distance(long_a, long_b) == reference_distance(long_a, long_b)
 
 
 def test_near_identical_groups_and_hints():
