@@ -13,6 +13,7 @@ import time
 import streamlit as st
 
 from app import actions, candidate_view
+from app.differences_view import differences_view
 from labeling import annotation
 from labeling.safe_text import plain, safe_markdown
 from store import db as storedb
@@ -43,7 +44,7 @@ export default function ({ setStateValue }) {
     }
     if (t && (t.isContentEditable || ["INPUT", "TEXTAREA", "SELECT"].includes(t.tagName))) return;
     const key = e.key.length === 1 ? e.key.toLowerCase() : e.key;
-    if (!/^[1-9tusb]$/.test(key) && key !== "Enter") return;
+    if (!/^[1-9tusb=]$/.test(key) && key !== "Enter") return;
     e.preventDefault();
     box.keys.push(key);
     setStateValue("typed", { nonce: box.nonce, keys: box.keys.slice() });
@@ -233,7 +234,8 @@ def _guidelines(text: str | None) -> None:
         else:
             st.caption("No guidelines for this round yet.")
         st.caption(
-            "Keys: 1..K rank next · t tie next with last · u undo · s skip · b all bad · "
+            "Keys: 1..K rank next · t tie next with last · u undo · "
+            "= tie last pick with its near-identical candidates · s skip · b all bad · "
             "Enter submit · Esc leaves the comment box"
         )
 
@@ -323,6 +325,7 @@ def annotator_page(ws: storedb.Workspace, user: User) -> None:
     if options.show_suggestions and job.suggestion is not None:
         st.info(f"Judge suggestion: {_suggestion_text(state, job.suggestion)}")
 
+    differences_view(state, thumbs_mode)
     names = state.letters
     per_row = 2 if len(names) > 2 else len(names)
     for start in range(0, len(names), per_row):

@@ -10,7 +10,7 @@ import hashlib
 import random
 from dataclasses import dataclass, field
 
-from labeling import queue
+from labeling import differences, queue
 from store import db as storedb
 from store.errors import PrefloopError
 from store.records import LabelRecord
@@ -107,6 +107,32 @@ class RankingState:
         if not self.tiers:
             raise PrefloopError("rank a candidate first; there is no place to tie with")
         self.tiers[-1].append(name)
+
+    def tie_near_identical(self) -> list[str]:
+        """Tie the unranked near-identical candidates of the last pick with it; returns them."""
+        groups = differences.near_identical_groups(self.texts)
+        if not groups:
+            raise PrefloopError("no candidates in this group are near-identical; nothing to tie")
+        if not self.tiers:
+            raise PrefloopError(
+                "rank one of the near-identical candidates first; = then ties the others with it"
+            )
+        last = self.tiers[-1]
+        letters = self.letters
+        placed = set(self.placed)
+        twins = [
+            letters[i]
+            for g in groups
+            if any(letters[i] in last for i in g.members)
+            for i in g.members
+            if letters[i] not in placed
+        ]
+        if not twins:
+            raise PrefloopError(
+                f"your last pick ({' = '.join(last)}) has no unranked near-identical candidate"
+            )
+        last.extend(twins)
+        return twins
 
     def key_name(self, key: int) -> str:
         """The letter of the candidate shown in slot key (1-based, as typed on the keyboard)."""
@@ -213,7 +239,8 @@ class KeyResult:
 
 
 def apply_keys(state: RankingState, keys: list[str], thumbs_mode: bool = False) -> KeyResult:
-    """Apply typed keys in order (1..9 rank, t tie next, u undo); stop after s, b or Enter.
+    """Apply typed keys in order (1..9 rank, t tie next, = tie near-identical, u undo); stop
+    after s, b or Enter.
 
     A key that does not apply (a number without a candidate, t before a pick, Enter on an
     unfinished ranking) is reported and skipped, so later keys still count. Keys after the
@@ -235,6 +262,9 @@ def apply_keys(state: RankingState, keys: list[str], thumbs_mode: bool = False) 
                 raise PrefloopError(f"key {key!r} does nothing in a thumbs round")
             if key == "t":
                 state.arm_tie()
+            elif key == "=":
+                state.tie_near_identical()
+                state.tie_armed = False
             elif key == "u":
                 state.undo()
             elif key.isdigit():

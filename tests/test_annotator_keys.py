@@ -170,3 +170,41 @@ def test_judge_suggestion_shows_only_when_the_round_allows(ws):
     by_id = {v: k for k, v in ids.items()}
     want = f"Judge suggestion: {by_id[cids[1]]}  >  {by_id[cids[0]]}"
     assert want in element_values(at, "info")
+
+
+def test_equals_key_ties_the_last_pick_with_its_near_identical_candidates(ws):
+    base = " ".join(f"word{i}" for i in range(30))
+    texts = [base, "a different answer", base.replace("word5", "five"), "yet another one"]
+    seeded = seed_round(ws, n_groups=2, k=4, first_texts=texts)
+    gid, cids = seeded.group_ids[0], seeded.candidate_ids[0]
+    ids = letter_ids("kim", gid, cids)
+    twin_a, twin_b = sorted(name for name, cid in ids.items() if cids.index(cid) in (0, 2))
+    others = sorted(name for name in ids if name not in (twin_a, twin_b))
+    key = {name: str(" ABCD".index(name)) for name in ids}
+    at = open_app(annotator="kim")
+    [catcher] = [
+        e
+        for e in at.main
+        if getattr(e, "proto", None) is not None
+        and getattr(e.proto, "component_name", "") == "prefloop_keys"
+    ]
+    assert "[1-9tusb=]" in catcher.proto.js_content  # the browser passes "=" on
+    assert any(
+        "= tie last pick with its near-identical candidates" in c
+        for c in element_values(at.sidebar, "caption")
+    )
+    type_keys(at, "=")  # nothing ranked yet: says what to do
+    assert any(
+        "rank one of the near-identical candidates first" in e for e in element_values(at, "error")
+    )
+    type_keys(at, key[others[0]], key[twin_b], "=")
+    assert f"**Your ranking:** 1. {others[0]}\u2003\u20032. {twin_b} = {twin_a}" in element_values(
+        at, "markdown"
+    )
+    type_keys(at, key[others[1]], "Enter")
+    row = stored(ws).loc[gid]
+    assert row["ranking"] == [[ids[others[0]]], [ids[twin_b], ids[twin_a]], [ids[others[1]]]]
+    type_keys(at, "1", "=")  # the next group has no near-identical candidates
+    assert any(
+        "no candidates in this group are near-identical" in e for e in element_values(at, "error")
+    )
