@@ -276,6 +276,74 @@ class BiasAudit:
         columns = [f.name for f in AnnotatorBias.__dataclass_fields__.values()] + ["flags"]
         return pd.DataFrame(rows, columns=columns)
 
+    def summary(self) -> pd.DataFrame:
+        """One row per annotator in words: rates with intervals and p-values, τ vs consensus."""
+
+        def num(v: float | None, digits: int = 2) -> str:
+            return "–" if v is None else f"{v:.{digits}f}"
+
+        def p(v: float | None) -> str:
+            return "–" if v is None else f"{v:.2g}"
+
+        def rate(a: AnnotatorBias, slot: str) -> str:
+            if not a.position_groups:
+                return "–"
+            low, high = getattr(a, f"{slot}_low"), getattr(a, f"{slot}_high")
+            return (
+                f"{num(getattr(a, f'{slot}_best'))} [{num(low)}, {num(high)}] "
+                f"p={p(getattr(a, f'{slot}_p'))}"
+            )
+
+        def tau(a: AnnotatorBias, name: str) -> str:
+            return (
+                f"{num(getattr(a, f'{name}_tau'))} vs {num(getattr(a, f'{name}_tau_consensus'))} "
+                f"p={p(getattr(a, f'{name}_p'))} (n={getattr(a, f'{name}_groups')})"
+            )
+
+        flags = self.flagged()
+        return pd.DataFrame(
+            [
+                {
+                    "annotator": a.annotator,
+                    "groups": a.n_groups,
+                    "chance": num(a.chance_rate),
+                    "first shown best": rate(a, "first"),
+                    "last shown best": rate(a, "last"),
+                    "length τ vs others": tau(a, "length"),
+                    "markdown τ vs others": tau(a, "markdown"),
+                    "flags": ", ".join(flags.get(a.annotator, [])),
+                }
+                for a in self.annotators
+            ],
+            columns=[
+                "annotator",
+                "groups",
+                "chance",
+                "first shown best",
+                "last shown best",
+                "length τ vs others",
+                "markdown τ vs others",
+                "flags",
+            ],
+        )
+
+    def position_frame(self) -> pd.DataFrame:
+        """Long rows for a chart: annotator, shown (first/last), rate, low, high, chance."""
+        rows = [
+            {
+                "annotator": a.annotator,
+                "shown": slot,
+                "rate": getattr(a, f"{slot}_best"),
+                "low": getattr(a, f"{slot}_low"),
+                "high": getattr(a, f"{slot}_high"),
+                "chance": a.chance_rate,
+            }
+            for a in self.annotators
+            if a.position_groups
+            for slot in ("first", "last")
+        ]
+        return pd.DataFrame(rows, columns=["annotator", "shown", "rate", "low", "high", "chance"])
+
     def to_dict(self) -> dict:
         """Plain data for JSON output and dataset statistics."""
         return {

@@ -185,3 +185,164 @@ def test_the_judge_gets_no_position_figures() -> None:
     row = audit(groups).annotators[0]
     assert row.annotator == "judge" and row.position_groups == 0 and row.first_p is None
     assert not row.position_bias
+
+
+# ---------------------------------------------------------------------------------------------
+# On a real workspace: Team page, `prefloop agreement`, curation
+
+
+@pytest.fixture
+def ws(tmp_path, monkeypatch):
+    from tests.fixtures_app import make_workspace
+
+    workspace = make_workspace(tmp_path / "ws")
+    monkeypatch.setenv("PREFLOOP_WORKSPACE", str(workspace.root))
+    return workspace
+
+
+def biased_round(ws, n: int = 24):
+    """n groups of two equally long candidates: "fst" always ranks the candidate shown to them
+    first best, "hon" always ranks the first stored candidate best (whatever they were shown)."""
+    from store import db as storedb
+    from store import labels
+    from store.records import LabelRecord
+    from tests.fixtures_app import seed_round
+
+    seeded = seed_round(ws, n_groups=n, k=2)
+    records = []
+    for gid, ids in zip(seeded.group_ids, seeded.candidate_ids, strict=True):
+        records.append(LabelRecord(gid, "fst", shown_best("fst", gid, ids, 0)))
+        records.append(LabelRecord(gid, "hon", [[ids[0]], [ids[1]]]))
+    with storedb.connect(ws) as con:
+        labels.add_labels(con, records)
+    return seeded
+
+
+def test_team_page_shows_the_position_flag(ws) -> None:
+    from tests.test_app import element_values, open_app
+
+    biased_round(ws)
+    at = open_app("Team")
+    [table] = [d.value for d in at.dataframe if "first shown best" in d.value.columns]
+    table = table.set_index("annotator")
+    assert table.loc["fst", "flags"] == "position" and table.loc["hon", "flags"] == ""
+    assert table.loc["fst", "first shown best"].startswith("1.00 [")
+    assert table.loc["fst", "chance"] == "0.50"
+    [warning] = [w for w in element_values(at, "warning") if "Possible bias" in w]
+    assert "fst (position)" in warning and "hon" not in warning
+    [chart] = at.get("vega_lite_chart")  # the position chart, with its chance ticks
+    assert "ranked best (95% Wilson)" in chart.proto.spec and "chance" in chart.proto.spec
+
+
+def only_solo_on_the_last_group(ws, seeded) -> None:
+    """Group 3 ranked by "solo" alone, hon only on group 1: solo shares no group, so its
+    agreement and Kendall τ are missing while the others' are numbers (NaN in a table)."""
+    from store import db as storedb
+    from store import labels
+    from store.records import LabelRecord
+
+    g, c = seeded.group_ids, seeded.candidate_ids
+    with storedb.connect(ws) as con:
+        con.execute("DELETE FROM labels WHERE group_id = ?", [g[2]])
+        con.execute("DELETE FROM labels WHERE annotator = 'hon' AND group_id = ?", [g[1]])
+        labels.add_labels(con, [LabelRecord(g[2], "solo", [[c[2][1]], [c[2][0]]])])
+
+
+def test_agreement_json_is_strict_json_and_has_the_audit(ws, capsys) -> None:
+    from tests.cli_helpers import cli
+
+    only_solo_on_the_last_group(ws, biased_round(ws, n=3))
+    data = strict_json(cli(capsys, "agreement", "-w", ws.root, "--json"))
+    rows = {r["annotator"]: r for r in data["annotators"]}
+    assert rows["solo"]["kendall_tau"] is None and rows["solo"]["pairwise_agreement"] is None
+    assert rows["fst"]["kendall_tau"] is not None
+    assert data["bias"]["flagged"] == {}  # 3 groups are too few to flag anyone
+    bias = {r["annotator"]: r for r in data["bias"]["annotators"]}
+    assert bias["fst"]["first_best"] == 1.0 and bias["fst"]["position_groups"] == 2
+    assert bias["solo"]["length_tau"] is None  # equal lengths
+    text = cli(capsys, "agreement", "-w", ws.root)
+    assert "bias audit over 3 groups" in text and "flagged: none" in text
+
+
+def test_agreement_cli_flags_and_rejects_a_bad_threshold(ws, capsys) -> None:
+    from tests.cli_helpers import cli, cli_error
+
+    biased_round(ws)
+    data = strict_json(cli(capsys, "agreement", "-w", ws.root, "--json"))
+    assert data["bias"]["flagged"] == {"fst": ["position"]}
+    assert "flagged: fst (position)" in cli(capsys, "agreement", "-w", ws.root)
+    assert "between 0 and 1" in cli_error(capsys, "agreement", "-w", ws.root, "--bias-alpha", "5")
+
+
+def test_every_json_output_parses_strictly_on_an_empty_or_nan_workspace(ws, capsys) -> None:
+    from tests.cli_helpers import cli
+
+    w = ("-w", ws.root)
+    for args in (
+        ("users", "list"),
+        ("users", "failed-sign-ins"),
+        ("rounds", "list"),
+        ("models", "list"),
+        ("runs", "list"),
+        ("dataset", "list"),
+        ("evals", "list"),
+        ("gold", "list"),
+        ("gold", "accuracy"),
+        ("judges", "list"),
+        ("agreement",),
+    ):
+        strict_json(cli(capsys, *args, *w, "--json"))
+    seeded = biased_round(ws, n=3)
+    only_solo_on_the_last_group(ws, seeded)
+    frozen = strict_json(cli(capsys, "dataset", "freeze", *w, "--json"))
+    assert frozen["groups"] == 3 and frozen["groups_with_several_annotators"] == 1
+    for args in (
+        ("dataset", "show"),
+        ("dataset", "list"),
+        ("rounds", "list"),
+        ("agreement",),
+        ("labels", "history", seeded.group_ids[0], "--annotator", "fst"),
+    ):
+        strict_json(cli(capsys, *args, *w, "--json"))
+
+
+def test_downweighting_biased_annotators_changes_the_curated_pair(ws, capsys) -> None:
+    from labeling.curation import Curation, curated_rows
+    from store import datasets
+    from store import db as storedb
+    from tests.cli_helpers import cli, cli_error
+
+    seeded = biased_round(ws)
+    # the groups where fst was shown the second stored candidate first: fst and hon disagree
+    split = [
+        i
+        for i, (gid, ids) in enumerate(zip(seeded.group_ids, seeded.candidate_ids, strict=True))
+        if display_order("fst", gid, 2)[0] == 1
+    ]
+    assert split, "the fixture needs a group where fst and hon disagree"
+    with storedb.connect(ws) as con:
+        plain_rows, _ = curated_rows(con, Curation())
+        half_rows, info = curated_rows(con, Curation(downweight_biased=0.5))
+        zero_rows, zero_info = curated_rows(con, Curation(downweight_biased=0.0))
+    i = split[0]
+    # equal weights: one ranking each way is a tie, so the group teaches no pair
+    assert plain_rows.iloc[i]["ranking"] == [[0, 1]]
+    # fst at half weight: hon's order wins (stored position 0 before 1)
+    assert half_rows.iloc[i]["ranking"] == [[0], [1]]
+    assert len(half_rows.iloc[i]["rankings"]) == 2  # soft labels still see both rankings
+    assert info["bias_audit"]["flagged"] == {"fst": ["position"]}
+    assert zero_rows.iloc[i]["ranking"] == [[0], [1]]
+    assert len(zero_rows.iloc[i]["rankings"]) == 1  # weight 0: fst is out of the group
+    assert zero_info["left_out"]["biased_annotators_only"] == 0
+    # the CLI records the weight and the audit in the version, and its card says so
+    version = cli(capsys, "dataset", "freeze", "-w", ws.root, "--downweight-biased", "0.5")
+    version = version.strip()
+    with storedb.connect(ws) as con:
+        stored = datasets.get_dataset(con, version)
+    assert stored["filters"]["downweight_biased"] == 0.5
+    assert stored["stats"]["bias_audit"]["flagged"] == {"fst": ["position"]}
+    card = cli(capsys, "dataset", "show", version, "-w", ws.root)
+    assert "weight 0.500 in the consensus" in card and "fst (position)" in card
+    assert "between 0" in cli_error(
+        capsys, "dataset", "freeze", "-w", ws.root, "--downweight-biased", "2"
+    )
