@@ -41,7 +41,7 @@ def _round_ids(text: str | None) -> list[int] | None:
 
 def _print_table(df, as_json: bool) -> None:
     if as_json:
-        print(json_out.dumps(df))
+        print(json_out.dumps(df, separators=(",", ":")))  # compact, as before
     elif df.empty:
         print("(none)")
     else:

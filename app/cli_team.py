@@ -213,7 +213,7 @@ def register(sub, add) -> None:
         "--bias-min-groups",
         type=int,
         default=BIAS_MIN_GROUPS,
-        help="... and the test rests on at least this many groups",
+        help="flag only when the test rests on at least this many groups",
     )
     p.add_argument("--json", action="store_true", help="print JSON (missing numbers as null)")
     p = add(

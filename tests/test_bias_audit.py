@@ -346,3 +346,16 @@ def test_downweighting_biased_annotators_changes_the_curated_pair(ws, capsys) ->
     assert "between 0" in cli_error(
         capsys, "dataset", "freeze", "-w", ws.root, "--downweight-biased", "2"
     )
+
+
+def test_freeze_form_downweights_flagged_annotators(ws) -> None:
+    from tests.test_app import click, element_values, open_app
+
+    biased_round(ws)
+    at = open_app("Researcher")
+    at.selectbox(key="cur_downweight").set_value("0.5")
+    click(at, "freeze_submit")
+    assert "Froze dataset version d1." in element_values(at, "success")
+    card = "\n".join(element_values(at, "markdown"))
+    assert "flagged for position or length bias: weight 0.500 in the consensus" in card
+    assert "fst (position)" in card
