@@ -279,6 +279,14 @@ def team_report(ws: storedb.Workspace, user: User, round_ids: list[int] | None =
     return team.team_report(ws, round_ids)
 
 
+def bias_report(ws: storedb.Workspace, user: User, round_ids: list[int] | None = None):
+    """The annotators' position, length and Markdown-density audit of some rounds."""
+    from labeling import team
+
+    require(user, "read_labels")
+    return team.bias_report(ws, round_ids)
+
+
 def group_detail(
     ws: storedb.Workspace, user: User, group_id: int
 ) -> tuple[GroupRecord, pd.DataFrame]:

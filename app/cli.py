@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -13,6 +12,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from app import json_out
 from store import owner as db_owner
 from store.access import NAME_RULE
 from store.errors import PrefloopError, storage_error
@@ -41,7 +41,7 @@ def _round_ids(text: str | None) -> list[int] | None:
 
 def _print_table(df, as_json: bool) -> None:
     if as_json:
-        print(df.to_json(orient="records", date_format="iso", default_handler=str))
+        print(json_out.dumps(df, separators=(",", ":")))  # compact, as before
     elif df.empty:
         print("(none)")
     else:
@@ -130,9 +130,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
         with db.connect(ws, read_only=False) as con:
             info = rounds.get_round(con, round_id)
-        print(
-            json.dumps({k: (str(v) if k == "created" else v) for k, v in info.items()}, default=int)
-        )
+        print(json_out.dumps(info))
     else:
         print(round_id)
 
@@ -279,7 +277,7 @@ def cmd_models_config(args: argparse.Namespace) -> None:
         "dataset": stored.get("dataset", row["dataset_id"]),
         **cfg.to_dict(),
     }
-    print(json.dumps(out, indent=2))
+    print(json_out.dumps(out, indent=2))
 
 
 def cmd_models_promote(args: argparse.Namespace) -> None:
@@ -309,10 +307,11 @@ def cmd_dataset_freeze(args: argparse.Namespace) -> None:
         max_length_ratio=args.max_length_ratio,
         heldout_fraction=args.heldout_fraction,
         split_seed=args.split_seed,
+        downweight_biased=args.downweight_biased,
     )
     result = freeze_versions(_ws(args), cur)
     if args.json:
-        print(json.dumps({"train": result.train, "heldout": result.heldout, **result.stats}))
+        print(json_out.dumps({"train": result.train, "heldout": result.heldout, **result.stats}))
         return
     left = {k: n for k, n in result.stats["left_out"].items() if n}
     print(
@@ -334,7 +333,7 @@ def cmd_dataset_show(args: argparse.Namespace) -> None:
         if version is None:
             raise PrefloopError("no dataset version yet: run `prefloop dataset freeze` first")
         info = datasets.get_dataset(con, version)
-    print(json.dumps(info, default=str) if args.json else dataset_card(info))
+    print(json_out.dumps(info) if args.json else dataset_card(info))
 
 
 def cmd_list(what: str):
@@ -421,7 +420,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             args.model = models.latest_version(con)
     result = eval_job(ws, args.model, cfg)
     if args.json:
-        print(json.dumps(result, default=float))
+        print(json_out.dumps(result))
         return
     print(f"{result['version']} vs {result['against']} (rounds {result['rounds']})")
     if "winrate" in result:
@@ -477,7 +476,7 @@ def cmd_evals_human(args: argparse.Namespace) -> None:
 
     result = human_ab_results(_ws(args), args.round)
     print(
-        json.dumps(result)
+        json_out.dumps(result)
         if args.json
         else f"{result['version']} vs {result['against']}: {result['n']} judged; "
         f"wins {result['wins']}, losses {result['losses']}, ties {result['ties']}"
@@ -667,6 +666,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--exclude-flagged",
         action="store_true",
         help="leave out annotators the agreement report flags (low agreement or gold accuracy)",
+    )
+    p.add_argument(
+        "--downweight-biased",
+        type=float,
+        metavar="W",
+        help="count annotators that the bias audit (`prefloop agreement`) flags for position "
+        "or length bias with weight W in each group's consensus (0 = leave them out, e.g. "
+        "0.5); recorded in the version's card",
     )
     p.add_argument(
         "--min-agreement",

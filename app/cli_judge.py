@@ -4,9 +4,8 @@
 from __future__ import annotations
 
 import argparse
-import json
-from dataclasses import asdict
 
+from app import json_out
 from store.errors import PrefloopError
 
 SHOW = {"on": True, "off": False}
@@ -49,7 +48,7 @@ def cmd_judge(args: argparse.Namespace) -> None:
         show=SHOW[args.show] if args.show else None,
     )
     if args.json:
-        print(json.dumps(asdict(report)))
+        print(json_out.dumps(report))
         return
     what = (
         f"{report.thumbs_up} thumbs up, {report.thumbs_down} down"

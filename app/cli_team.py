@@ -101,28 +101,33 @@ def cmd_users_disable(args: argparse.Namespace) -> None:
 
 
 def cmd_agreement(args: argparse.Namespace) -> None:
-    import json
-
+    from app import json_out
     from app.cli import _print_table, _round_ids, _ws
-    from labeling.team import team_report
+    from labeling.team import bias_report, team_report
 
+    ws, round_ids = _ws(args), _round_ids(args.rounds)
+    if not 0.0 < args.bias_alpha < 1.0:
+        raise PrefloopError("--bias-alpha is a p-value threshold: between 0 and 1, e.g. 0.01")
+    if args.bias_min_groups < 1:
+        raise PrefloopError("--bias-min-groups must be at least 1")
     report = team_report(
-        _ws(args),
-        _round_ids(args.rounds),
+        ws,
+        round_ids,
         min_agreement=args.min_agreement,
         dispute_threshold=args.dispute_threshold,
     )
+    bias = bias_report(ws, round_ids, alpha=args.bias_alpha, min_groups=args.bias_min_groups)
     if args.json:
         print(
-            json.dumps(
+            json_out.dumps(
                 {
                     "alpha": report.alpha,
                     "mean_agreement": report.mean_agreement,
                     "groups_with_overlap": report.groups_with_overlap,
-                    "annotators": report.annotators.to_dict("records"),
-                    "disputes": report.disputes.to_dict("records"),
-                },
-                default=str,
+                    "annotators": report.annotators,
+                    "disputes": report.disputes,
+                    "bias": bias.to_dict(),
+                }
             )
         )
         return
@@ -135,6 +140,23 @@ def cmd_agreement(args: argparse.Namespace) -> None:
     _print_table(report.annotators, False)
     print(f"\ndisputed groups ({len(report.disputes)}):")
     _print_table(report.disputes, False)
+    print(
+        f"\nbias audit over {bias.n_groups} groups (consensus of all annotators: length τ "
+        f"{fmt(bias.consensus_length_tau)}, markdown τ {fmt(bias.consensus_markdown_tau)}; "
+        "τ > 0: longer / denser ranked better):"
+    )
+    _print_table(bias.summary(), False)
+    flagged = bias.flagged()
+    print(
+        "flagged: "
+        + (
+            "; ".join(f"{name} ({', '.join(kinds)})" for name, kinds in flagged.items())
+            if flagged
+            else "none"
+        )
+        + f" (p < {args.bias_alpha:g} with at least {args.bias_min_groups} groups)"
+    )
+    print(f"position test: {bias.tests['position']}\nlength test: {bias.tests['length']}")
 
 
 def cmd_adjudicate(args: argparse.Namespace) -> None:
@@ -154,6 +176,8 @@ def cmd_adjudicate(args: argparse.Namespace) -> None:
 
 def register(sub, add) -> None:
     """Add `prefloop users …`, `agreement` and `adjudicate` to the parser."""
+    from labeling.bias_audit import ALPHA as BIAS_ALPHA
+    from labeling.bias_audit import MIN_GROUPS as BIAS_MIN_GROUPS
     from labeling.team import DISPUTE_THRESHOLD, MIN_AGREEMENT
     from store.access import NAME_RULE, ROLES
     from store.users import FAILURE_WINDOW
@@ -162,7 +186,9 @@ def register(sub, add) -> None:
         "agreement",
         cmd_agreement,
         "inter-annotator agreement: per annotator (peers, gold, Kendall tau, median time, "
-        "flagged), Krippendorff's alpha, disputed groups",
+        "flagged), Krippendorff's alpha, disputed groups; and the bias audit: how often the "
+        "candidate shown first / last is ranked best against chance, rank vs length and "
+        "Markdown density against the others' consensus, position/length bias flags",
     )
     p.add_argument("--rounds", help="comma-separated round ids (default: all)")
     p.add_argument(
@@ -177,7 +203,19 @@ def register(sub, add) -> None:
         default=DISPUTE_THRESHOLD,
         help="list groups whose annotators disagree on at least this share of pairs",
     )
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--bias-alpha",
+        type=float,
+        default=BIAS_ALPHA,
+        help="flag position or length bias when its test's p-value is below this",
+    )
+    p.add_argument(
+        "--bias-min-groups",
+        type=int,
+        default=BIAS_MIN_GROUPS,
+        help="flag only when the test rests on at least this many groups",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON (missing numbers as null)")
     p = add(
         "adjudicate",
         cmd_adjudicate,

@@ -12,6 +12,8 @@ from store import db as storedb
 from store.access import User
 from store.errors import PrefloopError
 
+DOWNWEIGHT_CHOICES = ("off", "0.5", "0.25", "0")
+
 
 def _names(text: str) -> list[str]:
     return [x.strip() for x in (text or "").split(",") if x.strip()]
@@ -19,6 +21,7 @@ def _names(text: str) -> list[str]:
 
 def _freeze(ws: storedb.Workspace, user: User) -> None:
     get = st.session_state.get
+    downweight = get("cur_downweight") or "off"
     cur = Curation(
         rounds=[int(r) for r in get("cur_rounds") or []] or None,
         annotators=_names(get("cur_annotators")) or None,
@@ -30,6 +33,7 @@ def _freeze(ws: storedb.Workspace, user: User) -> None:
         max_length_ratio=float(get("cur_max_ratio")) or None,
         heldout_fraction=float(get("cur_heldout")),
         split_seed=int(get("cur_seed") or 0),
+        downweight_biased=None if downweight == "off" else float(downweight),
     )
     try:
         frozen = actions.freeze_dataset(ws, user, cur)
@@ -69,6 +73,12 @@ def datasets_panel(ws: storedb.Workspace, user: User, dataset_df: pd.DataFrame, 
         )
         c2.number_input("Held-out share of prompts", 0.0, 0.9, 0.0, 0.05, key="cur_heldout")
         c1.number_input("Split seed", 0, 2**31 - 1, 0, key="cur_seed")
+        c2.selectbox(
+            "Weight of bias-flagged annotators in the consensus (Team page audit)",
+            DOWNWEIGHT_CHOICES,
+            key="cur_downweight",
+            help="off: count them like everyone; 0: leave their rankings out",
+        )
         st.form_submit_button("Freeze", key="freeze_submit", on_click=_freeze, args=(ws, user))
     if dataset_df.empty:
         st.caption("No dataset versions yet.")

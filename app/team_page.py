@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import altair as alt
 import pandas as pd
 import streamlit as st
 
@@ -103,6 +104,60 @@ def _agreement(report) -> None:
             "Judge–human agreement: "
             + ("–" if agree is None or pd.isna(agree) else f"{agree:.3f}")
             + " (the judge's labels against every human's on the same groups)"
+        )
+
+
+def _bias_chart(bias) -> None:
+    frame = bias.position_frame()
+    if frame.empty:
+        return
+    base = alt.Chart(frame).encode(
+        x=alt.X("annotator:N", title=None),
+        xOffset=alt.XOffset("shown:N"),
+        color=alt.Color("shown:N", title="candidate shown"),
+    )
+    points = base.mark_point(filled=True, size=70).encode(
+        y=alt.Y("rate:Q", scale=alt.Scale(domain=[0, 1]), title="ranked best (95% Wilson)"),
+        tooltip=["annotator:N", "shown:N", "rate:Q", "low:Q", "high:Q", "chance:Q"],
+    )
+    bars = base.mark_errorbar().encode(y="low:Q", y2="high:Q")
+    chance = (
+        alt.Chart(frame)
+        .mark_tick(color="gray", thickness=2, size=30)
+        .encode(x="annotator:N", y="chance:Q", tooltip=["chance:Q"])
+    )
+    st.altair_chart(points + bars + chance, width="stretch", key="bias_chart")
+
+
+def _bias(bias) -> None:
+    st.subheader("Annotator bias")
+    if not bias.annotators:
+        st.caption("No ranked labels yet.")
+        return
+    fmt = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
+    st.caption(
+        "How often the candidate each annotator saw first (or last) is ranked best, against "
+        "the chance rate 1/K (gray tick); rank vs length and Markdown density as Kendall τ "
+        "(> 0: longer / denser ranked better) against the other annotators' consensus on the "
+        f"same groups. Consensus of all annotators: length τ {fmt(bias.consensus_length_tau)}, "
+        f"Markdown τ {fmt(bias.consensus_markdown_tau)}."
+    )
+    st.dataframe(bias.summary(), hide_index=True, width="stretch", key="bias_table")
+    _bias_chart(bias)
+    flagged = bias.flagged()
+    if flagged:
+        st.warning(
+            f"Possible bias (p < {bias.alpha:g} with at least {bias.min_groups} groups): "
+            + "; ".join(f"{plain(name)} ({', '.join(kinds)})" for name, kinds in flagged.items())
+            + ". Freezing with a down-weight for flagged annotators (the Researcher page's "
+            "freeze form, or `prefloop dataset freeze --downweight-biased 0.5`) counts them less "
+            "in the consensus."
+        )
+    with st.expander("How the bias tests work"):
+        st.markdown(
+            f"- Position: {bias.tests['position']}.\n- Length: {bias.tests['length']}.\n"
+            "- Markdown density (share of characters that are Markdown syntax) is shown, "
+            "not flagged."
         )
 
 
@@ -233,6 +288,7 @@ def team_page(ws: storedb.Workspace, user: User) -> None:
     round_id = st.selectbox("Round", list(titles), format_func=titles.get, key="team_round")
     report = actions.team_report(ws, user, [int(round_id)])
     _agreement(report)
+    _bias(actions.bias_report(ws, user, [int(round_id)]))
     _disputes(ws, user, report)
     c1, c2 = st.columns(2)
     with c1:

@@ -10,6 +10,12 @@ A dataset version is built with filters (a `Curation`), applied in this order:
    labels is left out; a group whose annotators agree on less than min_agreement of the
    candidate pairs is left out (mean pairwise agreement over annotator pairs; a group with one
    annotator passes);
+   with downweight_biased W the annotators that the bias audit (labeling/bias_audit.py) flags
+   for position or length bias on the selected labels count with weight W in each group's
+   consensus ranking (a weighted Borda count); with W = 0 their rankings are left out of the
+   group altogether (consensus, agreement and the per-annotator rankings that soft labels and
+   GRPO gains use), and a group only they ranked is left out. With 0 < W < 1 the per-annotator
+   rankings stay as they are: only the consensus (pairs, hard-label DPO, exports) is weighted;
 3. length normalisation: with max_length_ratio R a group is left out when any pair it
    teaches (an ordered pair of the consensus ranking or of an annotator's ranking) has a
    chosen/rejected character-length ratio outside [1/R, R]. The group stays the unit: cutting
@@ -38,9 +44,10 @@ from dataclasses import asdict, dataclass, field
 import duckdb
 import pandas as pd
 
+from labeling import bias_audit
 from labeling.agreement import annotator_report, group_disagreement
 from labeling.ranking import consensus, ordered_pairs, usable_rankings
-from labeling.safe_text import plain_list
+from labeling.safe_text import plain, plain_list
 from store import adjudications, datasets, labels, rounds
 from store import db as storedb
 from store import gold as store_gold
@@ -64,6 +71,7 @@ class Curation:
     max_length_ratio: float | None = None  # cap on chosen/rejected character-length ratio
     heldout_fraction: float = 0.0  # share of prompts frozen as a separate held-out version
     split_seed: int = 0
+    downweight_biased: float | None = None  # consensus weight of bias-flagged annotators
 
     def check(self) -> None:
         """Raise a user error for settings that make no sense."""
@@ -73,6 +81,11 @@ class Curation:
             raise PrefloopError("--min-agreement is a share of pairs: between 0 and 1")
         if self.max_length_ratio is not None and self.max_length_ratio < 1.0:
             raise PrefloopError("--max-length-ratio must be at least 1 (e.g. 2 = up to twice)")
+        if self.downweight_biased is not None and not 0.0 <= self.downweight_biased <= 1.0:
+            raise PrefloopError(
+                "--downweight-biased is the weight of flagged annotators in the consensus: "
+                "between 0 (leave them out) and 1 (count them fully), e.g. 0.5"
+            )
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise PrefloopError("--heldout-fraction must be at least 0 and below 1")
 
@@ -177,8 +190,22 @@ def curated_rows(con: duckdb.DuckDBPyConnection, cur: Curation) -> tuple[pd.Data
     }
     decided = adjudications.adjudications(con, sorted(by_group))
     left_out["adjudicated_out"] = 0
+    group_records = rounds.groups(con, group_ids=sorted(by_group))
+    biased: set[str] = set()
+    weight = cur.downweight_biased
+    if weight is not None:
+        report = bias_audit.audit(bias_audit.audit_groups(labs, group_records))
+        biased = set(report.flagged())
+        left_out["biased_annotators_only"] = 0
+        info["bias_audit"] = {
+            "weight": weight,
+            "flagged": report.flagged(),
+            "alpha": report.alpha,
+            "min_groups": report.min_groups,
+            "tests": report.tests,
+        }
     out = []
-    for g in rounds.groups(con, group_ids=sorted(by_group)):
+    for g in group_records:
         group_labels = by_group[g.group_id]
         pairs = [(r["ranking"], list(r["flags"])) for r in group_labels]
         decision = decided.get(g.group_id)
@@ -192,13 +219,26 @@ def curated_rows(con: duckdb.DuckDBPyConnection, cur: Curation) -> tuple[pd.Data
         if not usable and decision is None:
             left_out["skipped"] += 1
             continue
+        # who made each usable ranking (usable_rankings keeps labels in this order)
+        names = [
+            r["annotator"]
+            for r in group_labels
+            if r["ranking"] is not None and "skipped" not in r["flags"]
+        ]
+        if weight == 0.0 and biased:
+            kept = [(u, n) for u, n in zip(usable, names, strict=True) if n not in biased]
+            if not kept and decision is None:
+                left_out["biased_annotators_only"] += 1
+                continue
+            usable, names = [u for u, _ in kept], [n for _, n in kept]
         agreement = 1.0 - group_disagreement(usable) if len(usable) >= 2 else None
         if decision is not None:  # a researcher's decision replaces the annotators' consensus
             at = {cid: i for i, cid in enumerate(g.candidate_ids)}  # snapshots hold positions
             ranking = [[at[c] for c in tier] for tier in decision["ranking"]]
             usable = [ranking]
         else:
-            ranking = consensus(usable)
+            weights = bias_audit.consensus_weights(names, biased, weight or 0.0) if biased else None
+            ranking = consensus(usable, weights)
             low = agreement is not None and agreement < (cur.min_agreement or 0.0) - 1e-12
             if cur.min_agreement is not None and low:
                 left_out["low_agreement"] += 1
@@ -379,6 +419,11 @@ def _filter_lines(f: dict) -> list[str]:
         f"- one group per prompt: {'yes' if f['dedupe'] else 'no'}",
         f"- chosen/rejected length ratio cap: {_fmt(f['max_length_ratio'])}",
     ]
+    if f.get("downweight_biased") is not None:
+        lines.append(
+            "- annotators flagged for position or length bias: weight "
+            f"{_fmt(float(f['downweight_biased']))} in the consensus"
+        )
     if f.get("heldout_fraction"):
         other = f.get("heldout_version")
         lines.append(
@@ -408,6 +453,19 @@ def _stats_lines(s: dict | None) -> list[str]:
         lines.append(
             f"- thumbs (majority per candidate): {t['up']} up, {t['down']} down, "
             f"{t['tied']} tied (left out of KTO exports)"
+        )
+    audit = s.get("bias_audit")
+    if audit:
+        flagged = audit.get("flagged") or {}
+        lines.append(
+            "- bias audit (p < "
+            f"{audit.get('alpha')} with at least {audit.get('min_groups')} groups): "
+            + (
+                "; ".join(f"{plain(n)} ({', '.join(k)})" for n, k in flagged.items())
+                if flagged
+                else "no annotator flagged"
+            )
+            + f"; their weight in the consensus: {_fmt(float(audit.get('weight', 1.0)))}"
         )
     if s.get("flagged_annotators"):
         lines.append(f"- flagged annotators left out: {plain_list(s['flagged_annotators'])}")

@@ -29,14 +29,18 @@ def tiers_from_scores(scores: dict[int, float]) -> list[list[int]]:
     return tiers
 
 
-def consensus(rankings: list[list[list[int]]]) -> list[list[int]]:
-    """One ranking from several by mean fractional rank (a Borda count)."""
-    if not rankings:
-        return []
+def consensus(
+    rankings: list[list[list[int]]], weights: list[float] | None = None
+) -> list[list[int]]:
+    """One ranking from several by mean fractional rank (a Borda count), optionally a weighted
+    mean (one weight per ranking; rankings of weight 0 do not count)."""
+    weights = [1.0] * len(rankings) if weights is None else weights
+    counted = [(r, w) for r, w in zip(rankings, weights, strict=True) if w > 0]
+    total = sum(w for _, w in counted)
     totals: dict[int, float] = {}
-    for ranking in rankings:
+    for ranking, weight in counted:
         for item, rank in fractional_ranks(ranking).items():
-            totals[item] = totals.get(item, 0.0) + rank / len(rankings)
+            totals[item] = totals.get(item, 0.0) + weight * rank / total
     return tiers_from_scores(totals)
 
 

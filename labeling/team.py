@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from labeling import agreement
-from store import adjudications, gold, labels
+from labeling import agreement, bias_audit
+from store import adjudications, gold, labels, rounds
 from store import db as storedb
 
 MIN_AGREEMENT = 0.6  # annotators below this (on gold, else with peers) are flagged
@@ -99,3 +99,17 @@ def adjudicate(
     """Store a researcher's ranking (or drop flags) for a group; training uses it from then on."""
     with storedb.connect(ws) as con:
         adjudications.set_adjudication(con, group_id, ranking, author, flags, note)
+
+
+def bias_report(
+    ws: storedb.Workspace,
+    round_ids: list[int] | None = None,
+    *,
+    alpha: float = bias_audit.ALPHA,
+    min_groups: int = bias_audit.MIN_GROUPS,
+) -> bias_audit.BiasAudit:
+    """The position, length and Markdown-density audit of every annotator of some rounds."""
+    with storedb.connect(ws) as con:
+        df = labels.labels(con, round_ids=round_ids)
+        groups = rounds.groups(con, group_ids=sorted(set(df["group_id"].astype(int))))
+    return bias_audit.audit(bias_audit.audit_groups(df, groups), alpha=alpha, min_groups=min_groups)
