@@ -179,10 +179,12 @@ def cmd_pairs_import(args: argparse.Namespace) -> None:
 
 
 def cmd_labels_import(args: argparse.Namespace) -> None:
-    from labeling.ingest import import_labels
+    from labeling.ingest import import_labels_noting
 
-    n = import_labels(_ws(args), Path(args.file))
+    n, notes = import_labels_noting(_ws(args), Path(args.file))
     print(f"imported {n} labels")
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
 
 
 # keys of a `tune --config` file that are not settings: what to train from and on, and what a
@@ -388,9 +390,17 @@ def _local_path(base: str) -> str | None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from labeling.exporting import export_dataset
+    from labeling.exporting import export_dataset, freeze_current
 
-    path, n = export_dataset(_ws(args), args.format, Path(args.out), args.dataset)
+    ws, dataset = _ws(args), args.dataset
+    if dataset is None:
+        dataset, new = freeze_current(ws)
+        print(
+            f"froze the current labels as dataset version {dataset}"
+            if new
+            else f"the current labels are dataset version {dataset} (unchanged, reused)"
+        )
+    path, n = export_dataset(ws, args.format, Path(args.out), dataset)
     print(f"wrote {n} rows to {path} (card: {path.parent / 'README.md'})")
 
 
@@ -749,7 +759,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="pairs: TRL prompt/chosen/rejected; listwise: ranked lists; kto: TRL unpaired "
         "prompt/completion/label from thumbs",
     )
-    p.add_argument("--dataset", metavar="VERSION", help="dataset version (default: newest)")
+    p.add_argument(
+        "--dataset",
+        metavar="VERSION",
+        help="export this dataset version, e.g. a curated one (default: freeze the current "
+        "labels first, as `tune` does: all annotators but the judge, no filters; an unchanged "
+        "version is reused)",
+    )
     p.add_argument("--out", required=True, metavar="FILE.jsonl|FILE.parquet")
 
     p = add("eval", cmd_eval, "evaluate a model version: win-rate, drift, preference accuracy")

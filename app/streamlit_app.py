@@ -24,10 +24,11 @@ from store.prompts import SPLITS
 from tuning.config import DPOConfig, GRPOConfig, LoraSettings, SamplingConfig
 from tuning.jobs import gate_text
 
-PAGES = ("Annotator", "Researcher", "Evaluation", "Team", "Admin")
+PAGES = ("Annotator", "Researcher", "Loop", "Evaluation", "Team", "Admin")
 PAGE_ACTION = {  # the permission each page needs (store.access.PERMISSIONS)
     "Annotator": "label",
     "Researcher": "view_research",
+    "Loop": "view_research",
     "Evaluation": "view_research",
     "Team": "view_research",
     "Admin": "manage_users",
@@ -468,6 +469,10 @@ def main() -> None:
             annotator_page(ws, user)
         elif page == "Researcher":
             researcher_page(ws, user)
+        elif page == "Loop":
+            from app.loop_page import loop_page
+
+            loop_page(ws, user)
         elif page == "Evaluation":
             from app.eval_page import evaluation_page
 

@@ -7,7 +7,7 @@ import datetime as dt
 from pathlib import Path
 
 from labeling.candidate_render import views_differ
-from labeling.curation import dataset_card
+from labeling.curation import dataset_card, freeze_dataset
 from labeling.ranking import ordered_pairs, tiers_to_ranks
 from labeling.safe_text import code_block, code_span
 from store import datasets, labels
@@ -156,6 +156,15 @@ Format: {FORMAT_TEXT[fmt]}.
 {code_block(snippet, "python")}
 
 {dataset_card(info)}"""
+
+
+def freeze_current(ws: storedb.Workspace) -> tuple[str, bool]:
+    """Freeze the current labels as `tune` does (all annotators but the judge, no filters);
+    returns the dataset version and whether it is new (an unchanged one is reused)."""
+    with storedb.connect(ws) as con:
+        known = set(datasets.list_datasets(con)["id"])
+    version = freeze_dataset(ws)
+    return version, version not in known
 
 
 def export_dataset(

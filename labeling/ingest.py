@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from labeling.curation import JUDGE_ANNOTATOR
 from store import db as storedb
 from store import labels, prompts, rounds
 from store.errors import PrefloopError
@@ -28,9 +29,25 @@ def import_prompts(ws: storedb.Workspace, path: Path, split: str = "train") -> I
 
 def import_labels(ws: storedb.Workspace, path: Path) -> int:
     """Store a file's rankings; any bad row rejects the whole file."""
+    return import_labels_noting(ws, path)[0]
+
+
+def import_labels_noting(ws: storedb.Workspace, path: Path) -> tuple[int, list[str]]:
+    """Store a file's rankings (all rows or none); returns how many and warnings for the user."""
     records = read_labels(path)
     with storedb.connect(ws) as con:
-        return labels.add_labels(con, records, source=str(path))
+        n = labels.add_labels(con, records, source=str(path))
+    notes = []
+    by_judge = sum(r.annotator == JUDGE_ANNOTATOR for r in records)
+    if by_judge:
+        notes.append(
+            f"{by_judge} of these labels are by annotator {JUDGE_ANNOTATOR!r}, the name reserved "
+            "for the judge: dataset versions (`prefloop dataset freeze`, `prefloop tune`, "
+            "`prefloop export`) leave them out unless named, e.g. `prefloop dataset freeze "
+            f"--annotators {JUDGE_ANNOTATOR},OTHER,...`; import them under another annotator "
+            "name to use them like a person's labels"
+        )
+    return n, notes
 
 
 def drop_duplicate_groups(groups: list[ImportedGroup]) -> tuple[list[ImportedGroup], int]:

@@ -129,3 +129,26 @@ def run_metrics(con: duckdb.DuckDBPyConnection, run_id: int) -> pd.DataFrame:
     if df.empty:
         return pd.DataFrame()
     return df.pivot_table(index="step", columns="name", values="value", aggfunc="last")
+
+
+def metric_timeline(con: duckdb.DuckDBPyConnection, run_id: int, name: str) -> pd.DataFrame:
+    """One metric of a job in the order it was logged: step, value and seconds since the job
+    started (at_s)."""
+    return con.execute(
+        "SELECT m.step, m.value, epoch(m.created - r.started) AS at_s "
+        "FROM metrics m JOIN runs r ON r.id = m.run_id "
+        "WHERE m.run_id = ? AND m.name = ? ORDER BY m.created, m.step",
+        [int(run_id), name],
+    ).df()
+
+
+def elapsed_s(con: duckdb.DuckDBPyConnection, run_id: int) -> float:
+    """Seconds since a job started (until it finished, for a finished one); unknown ids raise."""
+    row = con.execute(
+        "SELECT epoch(coalesce(finished, current_timestamp::TIMESTAMP) - started) "
+        "FROM runs WHERE id = ?",
+        [int(run_id)],
+    ).fetchone()
+    if row is None:
+        raise PrefloopError(f"unknown run {run_id}")
+    return float(row[0])

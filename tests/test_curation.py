@@ -268,7 +268,7 @@ def test_freeze_cli_records_filters_and_stats_and_show_prints_the_card(ws, capsy
     assert "unknown dataset version" in cli_error(capsys, "dataset", "show", "d9", "-w", ws.root)
 
     out = ws.root / "export" / "pairs.jsonl"
-    cli(capsys, "export", "-w", ws.root, "--format", "pairs", "--out", out)
+    cli(capsys, "export", "-w", ws.root, "--format", "pairs", "--out", out, "--dataset", version)
     assert len(read_jsonl(out)) == 3
     readme = (out.parent / "README.md").read_text()
     assert f"dataset version: `{version}`" in readme

@@ -170,7 +170,13 @@ def test_an_annotator_asking_for_a_research_page_by_url_is_refused(ws, page):
 
 def test_a_researcher_sees_research_pages_but_not_admin(ws):
     at = signed_in("rey")
-    assert at.sidebar.radio(key="page").options == ["Annotator", "Researcher", "Evaluation", "Team"]
+    assert at.sidebar.radio(key="page").options == [
+        "Annotator",
+        "Researcher",
+        "Loop",
+        "Evaluation",
+        "Team",
+    ]
     at = signed_in("rey", page="admin")
     assert any("may not open the Admin page" in e.value for e in at.error)
 
