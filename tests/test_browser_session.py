@@ -83,7 +83,7 @@ def session_cookies(pg, ws: storedb.Workspace) -> list[dict]:
 def wait_cookie(pg, ws: storedb.Workspace, present: bool) -> list[dict]:
     """The page's sign-in cookies once one is there (present) or none is (the writer runs in
     the browser after the script's run)."""
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + UI_TIMEOUT_MS / 1000
     while True:
         found = session_cookies(pg, ws)
         if bool(found) == present or time.monotonic() > deadline:

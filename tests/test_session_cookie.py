@@ -165,3 +165,15 @@ def test_users_disable_and_enable_from_the_cli(ws, capsys):
     with pytest.raises(Exception, match="wrong name or password"):
         actions.sign_in(ws, "ann", PASSWORD + "x")
     assert actions.sign_in(ws, "ann", PASSWORD)[0].name == "ann"
+
+
+def test_the_first_admin_is_kept_signed_in_too(tmp_path, monkeypatch, cookies):
+    fresh = make_workspace(tmp_path / "fresh")
+    monkeypatch.setenv("PREFLOOP_WORKSPACE", str(fresh.root))
+    at = load(fresh)
+    at.text_input(key="setup_name").input("ada")
+    at.text_input(key="setup_password").input(PASSWORD)
+    at.text_input(key="setup_repeat").input(PASSWORD)
+    at.button(key="setup_submit").click().run()
+    assert signed_in_as(at) == "Signed in as **ada** (admin)"
+    assert writer(at)["set"] == at.session_state["session_token"]
