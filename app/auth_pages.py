@@ -6,7 +6,7 @@ import secrets
 
 import streamlit as st
 
-from app import actions
+from app import actions, session_cookie
 from labeling.safe_text import plain
 from store import db as storedb
 from store.access import ROLES, User
@@ -19,13 +19,24 @@ KEEP = "(keep)"
 
 
 def signed_in_user(ws: storedb.Workspace) -> User | None:
-    """The user of this browser session, or None (the session ended or expired)."""
+    """The user of this browser session (signed in on this page, or by the browser's sign-in
+    cookie on a reload or a new tab), or None (the session ended or expired)."""
     token = st.session_state.get(TOKEN)
+    if token is None:
+        token = session_cookie.take_browser_token(ws)
+        if token is not None:
+            st.session_state[TOKEN] = token
     user = actions.current_user(ws, token)
     if user is None and token:
         st.session_state.pop(TOKEN, None)
+        session_cookie.forget(token)  # signed out elsewhere, expired, role or password changed
         st.session_state["login_note"] = "Your session ended; sign in again."
     return user
+
+
+def _signed_in(token: str) -> None:
+    st.session_state[TOKEN] = token
+    session_cookie.remember(token)
 
 
 def _client() -> str:
@@ -46,7 +57,7 @@ def _sign_in(ws: storedb.Workspace) -> None:
     except PrefloopError as exc:
         st.session_state["login_error"] = str(exc)
         return
-    st.session_state[TOKEN] = token
+    _signed_in(token)
 
 
 def _first_admin(ws: storedb.Workspace) -> None:
@@ -58,7 +69,7 @@ def _first_admin(ws: storedb.Workspace) -> None:
         st.session_state["login_error"] = "the two passwords differ"
         return
     try:
-        st.session_state[TOKEN] = actions.create_first_admin(ws, name, password)
+        _signed_in(actions.create_first_admin(ws, name, password))
     except PrefloopError as exc:
         st.session_state["login_error"] = str(exc)
 
@@ -66,6 +77,7 @@ def _first_admin(ws: storedb.Workspace) -> None:
 def login_page(ws: storedb.Workspace) -> None:
     """Ask for name and password (or, in a workspace without accounts, for a first admin)."""
     st.title("prefloop")
+    session_cookie.sync(ws, None)  # clears an ended session's cookie
     note = st.session_state.pop("login_note", None)
     if note:
         st.info(plain(note))
@@ -94,11 +106,18 @@ def login_page(ws: storedb.Workspace) -> None:
     st.caption("No account? Ask your project's admin.")
 
 
+def keep_signed_in(ws: storedb.Workspace) -> None:
+    """Keep this page's sign-in in the browser's cookie (drawn on every signed-in run)."""
+    session_cookie.sync(ws, st.session_state.get(TOKEN))
+
+
 def sign_out(ws: storedb.Workspace) -> None:
-    """End this browser's session."""
-    actions.sign_out(ws, st.session_state.pop(TOKEN, None))
+    """End this browser's session: on the server, and its sign-in cookie (every tab)."""
+    token = st.session_state.pop(TOKEN, None)
+    actions.sign_out(ws, token)
     for key in list(st.session_state):
         del st.session_state[key]
+    session_cookie.forget(token)
     st.session_state["login_note"] = "Signed out."
 
 

@@ -96,7 +96,7 @@ def cmd_users_disable(args: argparse.Namespace) -> None:
     from store import db, users
 
     with db.connect(_ws(args)) as con:
-        users.set_active(con, args.name, not args.enable)
+        users.set_active(con, args.name, args.enable)
     print(f"{args.name} {'enabled' if args.enable else 'disabled'}")
 
 

@@ -12,7 +12,7 @@ import streamlit as st
 
 from app import actions, launcher
 from app.annotator_page import annotator_page
-from app.auth_pages import admin_page, login_page, sign_out, signed_in_user
+from app.auth_pages import admin_page, keep_signed_in, login_page, sign_out, signed_in_user
 from app.datasets_panel import datasets_panel
 from labeling.safe_text import plain
 from store import datasets, models, rounds, runs
@@ -460,6 +460,7 @@ def main() -> None:
         page = st.radio("Page", pages, key="page")
         st.caption("Workspace:")
         st.text(str(ws.root))
+        keep_signed_in(ws)
     st.query_params["page"] = page.lower()
     refused = st.session_state.pop("page_refused", None)
     if refused:

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import os
+import re
 import secrets
 from datetime import datetime, timedelta
 
@@ -31,6 +32,8 @@ MIN_PASSWORD = 8
 MAX_PASSWORD = 1024
 STORED_NAME_CHARS = 41  # an attempt stores an account's name, else '#' + 40 hex of its sha256
 MAX_CLIENT = 64
+TOKEN_BYTES = 32  # a session token is secrets.token_urlsafe(TOKEN_BYTES): 43 URL-safe characters
+_TOKEN_FORMAT = re.compile(r"[A-Za-z0-9_-]{43}")
 # Checked against for unknown names, so a wrong name costs as much time as a wrong password.
 _NO_SUCH_USER = (
     "scrypt$16384$8$1$FtWvqwDQLl5KMS/g34I2YQ==$6CdsQOLF0kire4f+LmegnUGA+uogI/wtmGByaSg7q/Y="
@@ -270,7 +273,7 @@ def failed_sign_ins(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
 
 def start_session(con: duckdb.DuckDBPyConnection, user: User, hours: float | None = None) -> str:
     """A new session token for the user (only its hash is stored)."""
-    token = secrets.token_urlsafe(32)
+    token = secrets.token_urlsafe(TOKEN_BYTES)
     expires = _now() + timedelta(hours=SESSION_HOURS if hours is None else hours)
     con.execute(
         "INSERT INTO sessions (token_hash, user_name, expires) VALUES (?, ?, ?)",
@@ -278,6 +281,12 @@ def start_session(con: duckdb.DuckDBPyConnection, user: User, hours: float | Non
     )
     con.execute("DELETE FROM sessions WHERE expires < ?", [_now()])
     return token
+
+
+def is_session_token(value: object) -> bool:
+    """Whether value has the exact form of a token made by start_session (nothing else is
+    looked up, stored or sent back to a browser)."""
+    return isinstance(value, str) and _TOKEN_FORMAT.fullmatch(value) is not None
 
 
 def _token_hash(token: str) -> str:
