@@ -50,7 +50,8 @@ def test_export_without_a_version_freezes_the_current_labels(ws, tmp_path, capsy
 
     ds = load_dataset("json", data_files=str(out), split="train")
     assert ds.num_rows == 3 * 6  # three groups of four ranked candidates: C(4, 2) pairs each
-    assert set(ds.column_names) == {"prompt", "chosen", "rejected"}
+    assert set(ds.column_names) == {"prompt", "chosen", "rejected", "view_differs"}
+    assert not any(ds["view_differs"])  # plain text: the annotators saw what a model trains on
     assert ds[0]["chosen"] == first.texts[0][0]  # ranked best first
     assert "dataset version: `d1`" in (out.parent / "README.md").read_text()
 

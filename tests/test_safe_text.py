@@ -273,7 +273,7 @@ def test_dataset_card_in_an_export_escapes_names(ws, tmp_path, capsys):
     hostile_labels(ws)
     cli(capsys, "dataset", "freeze", "--exclude-annotators", "bob,:red[X]", "-w", ws.root)
     out = tmp_path / "out" / "pairs`x.jsonl"
-    cli(capsys, "export", "--format", "pairs", "--out", out, "-w", ws.root)
+    cli(capsys, "export", "--dataset", "d1", "--format", "pairs", "--out", out, "-w", ws.root)
     card = (out.parent / "README.md").read_text()
     assert_inert(card)
     text, _ = rendered(card)
