@@ -14,7 +14,7 @@ import copy
 import json
 import typing
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Any
 
 from store.errors import PrefloopError
@@ -159,15 +159,19 @@ def add_method_options(
             if next(iter(owners)) != method:
                 continue  # added with the first method that has it
             _check_same_kind(list(owners.values()))
-            _add(groups[method if len(owners) < len(classes) else ""], opt, shared_help(owners))
+            choices = tuple(dict.fromkeys(c for o in owners.values() for c in o.choices))
+            group = groups[method if len(owners) < len(classes) else ""]
+            _add(group, replace(opt, choices=choices), shared_help(owners))
     return groups
 
 
 def _check_same_kind(options: list[ConfigOption]) -> None:
+    """Options sharing a flag must share a type; their choices may differ by method (the
+    command line accepts any method's, the chosen method's config refuses the others')."""
     first = options[0]
     for opt in options[1:]:
-        if (opt.type, opt.choices) != (first.type, first.choices):
-            raise ValueError(f"{first.flag} has a different type or choices in each method")
+        if opt.type != first.type or bool(opt.choices) != bool(first.choices):
+            raise ValueError(f"{first.flag} has a different type in each method")
 
 
 def shared_help(owners: dict[str, ConfigOption]) -> str:

@@ -337,7 +337,8 @@ def evaluation_page(ws: storedb.Workspace, user: User) -> None:
     actions.research_access(user)
     st.title("Evaluation")
     with storedb.connect(ws) as con:
-        version_ids = [str(v) for v in models.list_versions(con)["id"]]
+        versions = models.list_versions(con)
+        version_ids = [str(v) for v in versions[versions["kind"] == models.POLICY]["id"]]
         ev = evals.list_evals(con)
         round_df = rounds.list_rounds(con)
         run_df = runs.list_runs(con)
