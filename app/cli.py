@@ -213,13 +213,13 @@ def tune_config(
         )
     cls = METHOD_CONFIGS[method]
     own = {opt.flag for opt in options_given(args, cls)}
-    foreign = [
-        opt
+    foreign = {  # by flag: methods other than this one may share an option
+        opt.flag: opt
         for other in METHOD_CONFIGS.values()
         if other is not cls
         for opt in options_given(args, other)
         if opt.flag not in own
-    ]
+    }.values()
     if foreign:
         raise PrefloopError(
             f"{flags(foreign)} {'is not a setting' if len(foreign) == 1 else 'are not settings'} "
