@@ -261,3 +261,41 @@ def test_policy_and_reward_versions_are_not_confused(rm_ws, capsys) -> None:
     assert "v1 is a policy, not a reward model" in err
     err = cli_error(capsys, "tune", "-w", ws.root, "--method", "rm", "--loss", "sigmoid")
     assert "pairwise" in err and "listwise" in err
+
+
+# -- the Researcher page's tuning form --------------------------------------------------------
+
+
+def test_researcher_form_trains_a_reward_model(tmp_path, monkeypatch, tiny_model_dir) -> None:
+    from labeling import annotation
+    from tests.fixtures_app import make_workspace, seed_round
+    from tests.test_app import click, element_values, finished_run, open_app
+
+    model_ws = make_workspace(tmp_path / "ws", base_model=str(tiny_model_dir))
+    monkeypatch.setenv("PREFLOOP_WORKSPACE", str(model_ws.root))
+
+    seeded = seed_round(model_ws, n_groups=4, k=3)
+    for gid, cids in zip(seeded.group_ids, seeded.candidate_ids, strict=True):
+        annotation.save_label(model_ws, LabelRecord(gid, "lee", [[c] for c in cids]))
+    at = open_app("Researcher")
+    at.selectbox(key="tune_method").set_value("Reward model (listwise Plackett–Luce)").run()
+    assert not at.exception
+    labels_shown = [n.label for n in at.number_input]
+    assert "Margin (pairwise)" in labels_shown and "Beta" not in labels_shown
+    assert not any(label.startswith("KL budget") for label in labels_shown)
+    at.number_input(key="tune_epochs").set_value(1)
+    at.number_input(key="tune_lora_r").set_value(4)
+    at.number_input(key="tune_center").set_value(0.01)
+    click(at, "start_tuning")
+    assert any("Started a Reward model (listwise" in v for v in element_values(at, "success"))
+
+    row = finished_run(model_ws, "tune")
+    assert row["result"] == "v1"
+    with db.connect(model_ws) as con:
+        v1 = models.get_version(con, "v1", models.REWARD)
+    assert v1["config"]["loss_type"] == "listwise" and v1["config"]["center_rewards"] == 0.01
+    at.run()
+    assert not at.exception
+    # the sampling form offers policies only; a reward-model run may continue v1
+    assert at.selectbox(key="sample_version").options == ["base"]
+    assert "v1" in at.selectbox(key="tune_from").options
