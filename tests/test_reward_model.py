@@ -299,3 +299,9 @@ def test_researcher_form_trains_a_reward_model(tmp_path, monkeypatch, tiny_model
     # the sampling form offers policies only; a reward-model run may continue v1
     assert at.selectbox(key="sample_version").options == ["base"]
     assert "v1" in at.selectbox(key="tune_from").options
+    # the Evaluation page offers it as a judge, not as a version to evaluate
+    at.sidebar.radio(key="page").set_value("Evaluation").run()
+    assert not at.exception
+    assert at.selectbox(key="eval_reward").options == ["v1"]
+    assert at.selectbox(key="eval_version").options == ["base"]
+    assert any("Reward model" in r.options for r in at.radio)
