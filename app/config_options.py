@@ -143,7 +143,8 @@ def add_method_options(
 
     An option every method has goes into a "settings of every method" group; where the
     methods' defaults or help differ, its help names each method's. The others go into one
-    group per method. Returns the argument groups by method name ("" for the shared one).
+    group per method, or per set of methods sharing it. Returns the argument groups by method
+    name ("" for the shared one; "dpo,rm" for one that some methods share).
     """
     by_method = {m: config_options(c, skip=skip) for m, c in classes.items()}
     by_flag: dict[str, dict[str, ConfigOption]] = {}
@@ -160,7 +161,18 @@ def add_method_options(
                 continue  # added with the first method that has it
             _check_same_kind(list(owners.values()))
             choices = tuple(dict.fromkeys(c for o in owners.values() for c in o.choices))
-            group = groups[method if len(owners) < len(classes) else ""]
+            if len(owners) == len(classes):
+                group = groups[""]
+            elif len(owners) == 1:
+                group = groups[method]
+            else:  # shared by some methods: a group of its own, named after them
+                names = " and ".join(owners)
+                key = ",".join(owners)
+                if key not in groups:
+                    groups[key] = parser.add_argument_group(
+                        f"{names} settings (--method {' or '.join(owners)})"
+                    )
+                group = groups[key]
             _add(group, replace(opt, choices=choices), shared_help(owners))
     return groups
 
