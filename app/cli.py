@@ -18,7 +18,7 @@ from store.access import NAME_RULE
 from store.errors import PrefloopError, storage_error
 
 if TYPE_CHECKING:
-    from tuning.config import DPOConfig, GRPOConfig
+    from tuning.config import TrainSettings
 
 DEMO_DATA = Path(__file__).resolve().parent.parent / "labeling" / "data"
 
@@ -195,7 +195,7 @@ RECORD_KEYS = ("final_metrics", "gate", "training")  # stored with a version, no
 
 def tune_config(
     args: argparse.Namespace,
-) -> tuple[str, DPOConfig | GRPOConfig, str | None, str | None]:
+) -> tuple[str, TrainSettings, str | None, str | None]:
     """The (method, config, --from version, dataset version) a `tune` command line asks for."""
     from app.config_options import config_from_args, flags, options_given, read_config_file
     from tuning.config import METHOD_CONFIGS
@@ -213,13 +213,13 @@ def tune_config(
         )
     cls = METHOD_CONFIGS[method]
     own = {opt.flag for opt in options_given(args, cls)}
-    foreign = [
-        opt
+    foreign = {  # by flag: methods other than this one may share an option
+        opt.flag: opt
         for other in METHOD_CONFIGS.values()
         if other is not cls
         for opt in options_given(args, other)
         if opt.flag not in own
-    ]
+    }.values()
     if foreign:
         raise PrefloopError(
             f"{flags(foreign)} {'is not a setting' if len(foreign) == 1 else 'are not settings'} "
@@ -372,6 +372,7 @@ def cmd_list(what: str):
                         "base_path": _local_path(base),
                         "method": "base",
                         "promoted": True,
+                        "kind": "policy",
                     }
                 ]
             )
@@ -629,7 +630,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "tune",
         cmd_tune,
-        "train a LoRA adapter on the labelled groups (DPO or GRPO); every setting's default "
+        "train a LoRA adapter on the labelled groups (DPO or GRPO), or a reward model (rm: "
+        "an adapter plus a scalar head, a judge as rm:VERSION); every setting's default "
         "comes from the method's config dataclass (tuning/config.py)",
     )
     p.add_argument(
@@ -643,7 +645,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a JSON object of settings, flat or as `prefloop models config VERSION` prints it; "
         "its method, from and dataset are used unless given as options; options override it",
     )
-    p.add_argument("--from", metavar="VERSION", help="continue training this version's adapter")
+    p.add_argument(
+        "--from",
+        metavar="VERSION",
+        help="continue training this version's adapter (a policy; with --method rm a reward "
+        "model)",
+    )
     p.add_argument(
         "--dataset",
         metavar="VERSION",
@@ -780,8 +787,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--judge",
         default="llm",
         help="llm (a local model with a rubric, both orders), human (an A/B round in "
-        "the annotator queue), a registered judge's NAME (`prefloop judges list`) or "
-        "module:function (a programmatic judge, installed or on PYTHONPATH)",
+        "the annotator queue), rm:VERSION (a reward model: the higher reward wins), a "
+        "registered judge's NAME (`prefloop judges list`) or module:function (a "
+        "programmatic judge, installed or on PYTHONPATH)",
     )
     p.add_argument("--judge-model", help="the LLM judge's model (default: the default model)")
     p.add_argument("--rubric", help="the LLM judge's rubric (system prompt)")

@@ -26,6 +26,12 @@ def _load(args: argparse.Namespace, ws):
         return load_judge(ws, cfg), f"llm:{args.judge_model or DEFAULT_MODEL}"
     if args.judge_model or args.rubric:
         raise PrefloopError("--judge-model and --rubric apply to --judge llm only")
+    if args.judge.startswith("rm:"):
+        from tuning.modeling import limit_threads
+        from tuning.reward_model import reward_judge
+
+        limit_threads()
+        return reward_judge(ws, args.judge), args.judge
     return load_suggestion_judge(resolve_judge(ws, args.judge)), args.judge
 
 
@@ -56,6 +62,12 @@ def cmd_judge(args: argparse.Namespace) -> None:
         else "rankings"
     )
     print(f"judge {name}: {report.suggested} suggestions ({what}) for round {args.round}")
+    if report.scores and getattr(judge, "score_many", None):
+        values = [v for group in report.scores.values() for v in group.values()]
+        print(
+            f"scored {len(values)} candidates: mean {sum(values) / len(values):.3f}, "
+            f"min {min(values):.3f}, max {max(values):.3f} (--json lists each)"
+        )
     if args.as_annotator:
         print(
             f"stored {report.labelled} labels as annotator 'judge' "
@@ -101,7 +113,8 @@ def cmd_judges_remove(args: argparse.Namespace) -> None:
 
 JUDGE_HELP = (
     "a registered judge's NAME (`prefloop judges list`), llm (a local model comparing every "
-    "pair in both orders), or module:function: a scorer f(prompt, completion) -> float or a "
+    "pair in both orders), rm:VERSION (a reward model scoring every candidate), or "
+    "module:function: a scorer f(prompt, completion) -> float or a "
     "pairwise judge f(prompt, a, b) -> 'a'|'b'|'tie', imported as installed or from "
     "PYTHONPATH (never from the current directory)"
 )
@@ -143,7 +156,7 @@ def register(sub, add) -> None:
     p.add_argument(
         "--judge",
         required=True,
-        metavar="NAME|llm|module:function",
+        metavar="NAME|llm|rm:VERSION|module:function",
         help=JUDGE_HELP,
     )
     p.add_argument("--judge-model", help="the LLM judge's model (default: the default model)")

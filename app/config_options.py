@@ -14,7 +14,7 @@ import copy
 import json
 import typing
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Any
 
 from store.errors import PrefloopError
@@ -143,7 +143,8 @@ def add_method_options(
 
     An option every method has goes into a "settings of every method" group; where the
     methods' defaults or help differ, its help names each method's. The others go into one
-    group per method. Returns the argument groups by method name ("" for the shared one).
+    group per method, or per set of methods sharing it. Returns the argument groups by method
+    name ("" for the shared one; "dpo,rm" for one that some methods share).
     """
     by_method = {m: config_options(c, skip=skip) for m, c in classes.items()}
     by_flag: dict[str, dict[str, ConfigOption]] = {}
@@ -159,15 +160,30 @@ def add_method_options(
             if next(iter(owners)) != method:
                 continue  # added with the first method that has it
             _check_same_kind(list(owners.values()))
-            _add(groups[method if len(owners) < len(classes) else ""], opt, shared_help(owners))
+            choices = tuple(dict.fromkeys(c for o in owners.values() for c in o.choices))
+            if len(owners) == len(classes):
+                group = groups[""]
+            elif len(owners) == 1:
+                group = groups[method]
+            else:  # shared by some methods: a group of its own, named after them
+                names = " and ".join(owners)
+                key = ",".join(owners)
+                if key not in groups:
+                    groups[key] = parser.add_argument_group(
+                        f"{names} settings (--method {' or '.join(owners)})"
+                    )
+                group = groups[key]
+            _add(group, replace(opt, choices=choices), shared_help(owners))
     return groups
 
 
 def _check_same_kind(options: list[ConfigOption]) -> None:
+    """Options sharing a flag must share a type; their choices may differ by method (the
+    command line accepts any method's, the chosen method's config refuses the others')."""
     first = options[0]
     for opt in options[1:]:
-        if (opt.type, opt.choices) != (first.type, first.choices):
-            raise ValueError(f"{first.flag} has a different type or choices in each method")
+        if opt.type != first.type or bool(opt.choices) != bool(first.choices):
+            raise ValueError(f"{first.flag} has a different type in each method")
 
 
 def shared_help(owners: dict[str, ConfigOption]) -> str:

@@ -22,7 +22,9 @@ GUARDED = ["guarded_win_rate", "guarded_low", "guarded_high", "guarded_wins", "g
            "guarded_ties"]  # fmt: skip
 
 
-def _eval_form(ws: storedb.Workspace, version_ids: list[str]) -> None:
+def _eval_form(
+    ws: storedb.Workspace, version_ids: list[str], reward_ids: list[str] | None = None
+) -> None:
     registered = list(actions.registered_judges(ws, st.session_state["user"])["name"])
     with st.form("eval_form"):
         st.markdown("**Evaluate a model version**")
@@ -31,7 +33,9 @@ def _eval_form(ws: storedb.Workspace, version_ids: list[str]) -> None:
         version = c1.selectbox("Version", list(reversed(choices)), key="eval_version")
         against = c2.selectbox("Against", choices, key="eval_against")
         judge_kind = st.radio(
-            "Judge", ["LLM judge", "Human A/B round", "Registered judge"], horizontal=True
+            "Judge",
+            ["LLM judge", "Human A/B round", "Registered judge", "Reward model"],
+            horizontal=True,
         )
         picked = st.selectbox(
             "Registered judge (programmatic, registered by the operator)",
@@ -44,6 +48,12 @@ def _eval_form(ws: storedb.Workspace, version_ids: list[str]) -> None:
                 "No programmatic judge is registered. The operator registers one on the "
                 "command line: `prefloop judges add NAME module:function`."
             )
+        reward = st.selectbox(
+            "Reward model (trained with `prefloop tune --method rm`)",
+            list(reversed(reward_ids or [])),
+            index=0 if reward_ids else None,
+            key="eval_reward",
+        )
         c3, c4, c5 = st.columns(3)
         split = c3.selectbox("Prompts", SPLITS, index=SPLITS.index("heldout"))
         limit = c4.number_input("Limit (0 = all)", min_value=0, value=0)
@@ -54,6 +64,11 @@ def _eval_form(ws: storedb.Workspace, version_ids: list[str]) -> None:
         if not st.form_submit_button("Start evaluation"):
             return
     judge = {"LLM judge": "llm", "Human A/B round": "human"}.get(judge_kind, picked)
+    if judge_kind == "Reward model":
+        judge = f"rm:{reward}" if reward else None
+        if not judge:
+            st.error("No reward model yet; train one with `prefloop tune --method rm`.")
+            return
     if not judge:
         st.error(
             "No registered judge to pick; register one with "
@@ -337,11 +352,13 @@ def evaluation_page(ws: storedb.Workspace, user: User) -> None:
     actions.research_access(user)
     st.title("Evaluation")
     with storedb.connect(ws) as con:
-        version_ids = [str(v) for v in models.list_versions(con)["id"]]
+        versions = models.list_versions(con)
+        version_ids = [str(v) for v in versions[versions["kind"] == models.POLICY]["id"]]
+        reward_ids = [str(v) for v in versions[versions["kind"] == models.REWARD]["id"]]
         ev = evals.list_evals(con)
         round_df = rounds.list_rounds(con)
         run_df = runs.list_runs(con)
-    _eval_form(ws, version_ids)
+    _eval_form(ws, version_ids, reward_ids)
     _results(ws, ev)
     _human_rounds(ws, round_df)
     _run_metrics(ws, run_df)

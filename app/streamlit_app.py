@@ -21,7 +21,7 @@ from store import owner as db_owner
 from store.access import User
 from store.errors import PrefloopError
 from store.prompts import SPLITS
-from tuning.config import DPOConfig, GRPOConfig, LoraSettings, SamplingConfig
+from tuning.config import DPOConfig, GRPOConfig, LoraSettings, RMConfig, SamplingConfig
 from tuning.jobs import gate_text
 
 PAGES = ("Annotator", "Researcher", "Loop", "Evaluation", "Team", "Admin")
@@ -33,13 +33,15 @@ PAGE_ACTION = {  # the permission each page needs (store.access.PERMISSIONS)
     "Team": "view_research",
     "Admin": "manage_users",
 }
-METHODS = {  # label -> (method, DPO loss; None = listwise Plackett–Luce)
+METHODS = {  # label -> (method, DPO or reward-model loss; None = DPO listwise Plackett–Luce)
     "DPO (sigmoid)": ("dpo", "sigmoid"),
     "DPO (IPO)": ("dpo", "ipo"),
     "DPO (hinge)": ("dpo", "hinge"),
     "DPO (robust)": ("dpo", "robust"),
     "DPO listwise (Plackett–Luce)": ("dpo", None),
     "GRPO": ("grpo", None),
+    "Reward model (pairwise Bradley–Terry)": ("rm", "pairwise"),
+    "Reward model (listwise Plackett–Luce)": ("rm", "listwise"),
 }
 REFRESH_S = 3.0
 NO_PARENT = "(base model)"
@@ -144,16 +146,29 @@ def _sampling_form(ws: storedb.Workspace, version_ids: list[str], newest: str) -
             )
 
 
-def _tuning_form(ws: storedb.Workspace, version_ids: list[str], dataset_ids: list[str]) -> None:
+def _tuning_form(
+    ws: storedb.Workspace,
+    version_ids: list[str],
+    dataset_ids: list[str],
+    reward_ids: list[str] | None = None,
+) -> None:
     st.subheader("Start a tuning run")
     # outside the form, so the fields below show the chosen method's own defaults
     method = st.selectbox("Method", list(METHODS), key="tune_method")
-    default = GRPOConfig() if METHODS[method][0] == "grpo" else DPOConfig()
-    with st.form(f"tune_form_{METHODS[method][0]}"):
+    kind = METHODS[method][0]
+    default = {"grpo": GRPOConfig, "rm": RMConfig}.get(kind, DPOConfig)()
+    if kind == "rm":  # a reward model continues a reward model, never a policy
+        version_ids = reward_ids or []
+    with st.form(f"tune_form_{kind}"):
         c1, c2 = st.columns(2)
-        beta = c1.number_input(
-            "Beta", min_value=0.0, max_value=10.0, value=float(default.beta), key="tune_beta"
-        )
+        if isinstance(default, RMConfig):
+            beta = c1.number_input(
+                "Margin (pairwise)", min_value=0.0, value=float(default.margin), key="tune_margin"
+            )
+        else:
+            beta = c1.number_input(
+                "Beta", min_value=0.0, max_value=10.0, value=float(default.beta), key="tune_beta"
+            )
         epochs = c2.number_input(
             "Epochs", min_value=1, max_value=100, value=default.epochs, key="tune_epochs"
         )
@@ -187,14 +202,23 @@ def _tuning_form(ws: storedb.Workspace, version_ids: list[str], dataset_ids: lis
         dataset = c2.selectbox(
             "Dataset version", [NEW_DATASET, *reversed(dataset_ids)], key="tune_dataset"
         )
-        kl_budget = c1.number_input(
-            "KL budget (nats/token; the per-epoch guard and the promotion gate)",
-            min_value=0.001,
-            value=float(default.kl_budget),
-            format="%.3f",
-            key="tune_kl_budget",
-        )
-        if isinstance(default, DPOConfig):
+        kl_budget = default.kl_budget
+        if not isinstance(default, RMConfig):  # a reward model samples nothing to guard
+            kl_budget = c1.number_input(
+                "KL budget (nats/token; the per-epoch guard and the promotion gate)",
+                min_value=0.001,
+                value=float(default.kl_budget),
+                format="%.3f",
+                key="tune_kl_budget",
+            )
+        if isinstance(default, RMConfig):
+            center = c2.number_input(
+                "Centre rewards C (0 = off)",
+                min_value=0.0,
+                value=float(default.center_rewards),
+                key="tune_center",
+            )
+        elif isinstance(default, DPOConfig):
             sft = c2.number_input(
                 "SFT weight α", min_value=0.0, value=float(default.sft_weight), key="tune_sft"
             )
@@ -218,7 +242,11 @@ def _tuning_form(ws: storedb.Workspace, version_ids: list[str], dataset_ids: lis
                 lora=LoraSettings(r=int(lora_r), alpha=int(lora_alpha)),
                 kl_budget=float(kl_budget),
             )
-            if name == "grpo":
+            if name == "rm":
+                cfg = RMConfig(
+                    loss_type=loss, margin=float(beta), center_rewards=float(center), **common
+                )
+            elif name == "grpo":
                 cfg = GRPOConfig(
                     beta=float(beta),
                     gains=gains.strip() or "linear",
@@ -247,7 +275,7 @@ def _metric_charts(metrics: pd.DataFrame) -> None:
     if metrics.empty:
         st.caption("No metrics yet.")
         return
-    names = [n for n in ("loss", "rewards/accuracies", "kl") if n in metrics.columns]
+    names = [n for n in ("loss", "rewards/accuracies", "kl", "accuracy") if n in metrics.columns]
     guard = [n for n in ("guard/kl_per_token", "guard/broken_share") if n in metrics.columns]
     if guard:  # the per-epoch fluency guard: one point per epoch
         names += guard
@@ -389,12 +417,13 @@ def researcher_page(ws: storedb.Workspace, user: User) -> None:
         ].rename(columns={"model_version": "model version", "labelled_groups": "labelled groups"})
         st.dataframe(table, hide_index=True, width="stretch")
 
-    version_ids = [str(v) for v in version_df["id"]]
+    version_ids = [str(v) for v in version_df[version_df["kind"] == models.POLICY]["id"]]
+    reward_ids = [str(v) for v in version_df[version_df["kind"] == models.REWARD]["id"]]
     f1, f2 = st.columns(2)
     with f1:
         _sampling_form(ws, version_ids, newest)
     with f2:
-        _tuning_form(ws, version_ids, [str(d) for d in dataset_df["id"]])
+        _tuning_form(ws, version_ids, [str(d) for d in dataset_df["id"]], reward_ids)
 
     every = REFRESH_S if _any_running(ws, run_df) else None
     st.fragment(run_every=every)(jobs_view)(ws)
@@ -405,15 +434,15 @@ def researcher_page(ws: storedb.Workspace, user: User) -> None:
     if version_df.empty:
         st.caption("No tuned versions yet.")
     else:
-        table = version_df[["id", "parent", "dataset_id", "method", "promoted", "run_id"]].rename(
-            columns={"dataset_id": "dataset"}
-        )
-        table.insert(5, "promotion gate", version_df["gate"].map(gate_text))
+        columns = ["id", "kind", "parent", "dataset_id", "method", "promoted", "run_id"]
+        table = version_df[columns].rename(columns={"dataset_id": "dataset"})
+        table.insert(6, "promotion gate", version_df["gate"].map(gate_text))
         st.dataframe(table, hide_index=True, width="stretch")
         st.caption(f"New rounds sample from {newest} unless another version is chosen.")
-        pick = st.selectbox("Version", list(reversed(version_ids)), key="version_pick")
+        every_id = [str(v) for v in version_df["id"]]
+        pick = st.selectbox("Version", list(reversed(every_id)), key="version_pick")
         row = version_df[version_df["id"] == pick].iloc[0]
-        if not row["promoted"]:
+        if not row["promoted"] and row["kind"] == models.POLICY:
             force = st.checkbox("Promote although its gate failed", key="promote_force")
             if st.button(f"Promote {pick}", key="promote_version"):
                 try:

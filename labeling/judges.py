@@ -110,8 +110,9 @@ def resolve_judge(ws: storedb.Workspace, judge: str) -> str:
 
 
 def require_web_judge(ws: storedb.Workspace, judge: str) -> str:
-    """The judge, if the web app may run it: a built-in (llm, human) or a registered name."""
-    if judge in judges.RESERVED:
+    """The judge, if the web app may run it: a built-in (llm, human, rm:VERSION: a model, not
+    code) or a registered name."""
+    if judge in judges.RESERVED or judge.startswith(judges.RESERVED_PREFIXES):
         return judge
     with storedb.connect(ws) as con:
         if judges.get_judge(con, judge) is None:

@@ -2,8 +2,8 @@
 
 How a judge turns a group of K candidates into a suggestion:
 
-- a scorer f(prompt, completion) -> float scores each candidate once; higher is better, equal
-  scores tie;
+- a scorer f(prompt, completion) -> float (or a reward model, rm:VERSION) scores each candidate
+  once; higher is better, equal scores tie;
 - a pairwise judge f(prompt, a, b) (or the LLM judge, which reads both orders) judges all
   C(K, 2) pairs; a candidate's score is its wins, a tie counting half; equal scores tie.
 
@@ -50,7 +50,10 @@ def load_suggestion_judge(spec: str) -> Scorer | Callable[[str, str, str], float
 
 
 def judge_scores(judge, items: list[tuple[str, list[str]]]) -> list[list[float]]:
-    """Scores of each (prompt, candidate texts): a scorer's scores, or pairwise wins (ties ½)."""
+    """Scores of each (prompt, candidate texts): a scorer's scores (a batched scorer such as a
+    reward model scores them all at once), or pairwise wins (ties ½)."""
+    if hasattr(judge, "score_many"):
+        return [[float(s) for s in group] for group in judge.score_many(items)]
     if isinstance(judge, Scorer):
         return [[judge(prompt, t) for t in texts] for prompt, texts in items]
     pairs = [
@@ -122,6 +125,12 @@ class SuggestReport:
     show_suggestions: bool | None = None
     thumbs_up: int = 0
     thumbs_down: int = 0
+    scores: dict[int, dict[int, float]] | None = None  # group id -> candidate id -> score
+
+
+def _scores_each(judge) -> bool:
+    """Whether the judge scores each candidate on its own (a scorer or a reward model)."""
+    return isinstance(judge, Scorer) or hasattr(judge, "score_many")
 
 
 def suggest_round(
@@ -135,7 +144,7 @@ def suggest_round(
     show: bool | None = None,
 ) -> SuggestReport:
     """Judge every group of a round; store suggestions (and optionally the judge's labels)."""
-    if thumbs_threshold is not None and not isinstance(judge, Scorer):
+    if thumbs_threshold is not None and not _scores_each(judge):
         raise PrefloopError(
             "a thumbs threshold applies to a scorer's scores only; pairwise and LLM judges "
             "give thumbs up above the group's median number of wins"
@@ -179,6 +188,10 @@ def _judge_and_store(
     # the judge runs with the database closed: annotators keep labelling meanwhile
     scores = judge_scores(judge, [(g.prompt, g.texts) for g in groups])
     report = SuggestReport(round_id, judge_name, mode, groups=len(groups))
+    report.scores = {
+        g.group_id: dict(zip(g.candidate_ids, s, strict=True))
+        for g, s in zip(groups, scores, strict=True)
+    }
     verdicts: dict[int, list[list[int]]] = {}
     thumbs: dict[int, dict[int, bool]] = {}
     for g, s in zip(groups, scores, strict=True):

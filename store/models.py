@@ -17,6 +17,7 @@ from store.db import Workspace, get_meta
 from store.errors import PrefloopError
 
 BASE = "base"
+POLICY, REWARD = "policy", "reward"  # what a version is: a policy samples, a reward model judges
 # written into an adapter folder just before it is moved into place: which process and run are
 # registering it, so a folder whose registration was killed can be told from one in progress
 MARKER = "prefloop-run.json"
@@ -34,7 +35,8 @@ def list_versions(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
     """Model versions, oldest first, with their config decoded."""
     df = con.execute(
         "SELECT id, parent, base_model, adapter_path, dataset_id, method, promoted, gate, config, "
-        "run_id, created FROM model_versions ORDER BY created, id"
+        "run_id, created, coalesce(kind, 'policy') AS kind FROM model_versions "
+        "ORDER BY created, id"
     ).df()
     df["config"] = df["config"].map(json.loads)
     df["gate"] = df["gate"].map(lambda g: json.loads(g) if isinstance(g, str) else None)
@@ -42,28 +44,49 @@ def list_versions(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
     return df
 
 
-def get_version(con: duckdb.DuckDBPyConnection, version: str) -> dict | None:
-    """A model version's row; None for the base model; unknown ids raise."""
+def get_version(
+    con: duckdb.DuckDBPyConnection, version: str, kind: str | None = None
+) -> dict | None:
+    """A model version's row; None for the base model; unknown ids raise, and so does a version
+    of another kind than `kind` (policy or reward) when one is asked for."""
     if version in (BASE, None, ""):
+        if kind == REWARD:
+            raise PrefloopError(
+                "the base model is a policy, not a reward model; name a version that "
+                "`prefloop tune --method rm` made (see `prefloop models list`)"
+            )
         return None
     df = list_versions(con)
     match = df[df["id"] == version]
     if match.empty:
         known = ", ".join([BASE, *df["id"]])
         raise PrefloopError(f"unknown model version {version!r}; known versions: {known}")
-    return match.iloc[0].to_dict()
+    row = match.iloc[0].to_dict()
+    if kind == REWARD and row["kind"] != REWARD:
+        raise PrefloopError(
+            f"{version} is a policy, not a reward model; name a version that "
+            "`prefloop tune --method rm` made (see `prefloop models list`)"
+        )
+    if kind == POLICY and row["kind"] == REWARD:
+        raise PrefloopError(
+            f"{version} is a reward model, not a policy: it scores answers but does not sample "
+            f"or continue a policy's training; use it as a judge (--judge rm:{version}) or "
+            "name a policy version"
+        )
+    return row
 
 
 def latest_version(con: duckdb.DuckDBPyConnection) -> str:
-    """The newest model version's id, or 'base'."""
+    """The newest policy version's id, or 'base'."""
     df = list_versions(con)
+    df = df[df["kind"] == POLICY]
     return BASE if df.empty else str(df.iloc[-1]["id"])
 
 
 def default_version(con: duckdb.DuckDBPyConnection) -> str:
-    """The version a new round samples from by default: the newest promoted one, or 'base'."""
+    """The version a new round samples from by default: the newest promoted policy, or 'base'."""
     df = list_versions(con)
-    df = df[df["promoted"]]
+    df = df[df["promoted"] & (df["kind"] == POLICY)]
     return BASE if df.empty else str(df.iloc[-1]["id"])
 
 
@@ -78,7 +101,7 @@ def set_gate(con: duckdb.DuckDBPyConnection, version: str, gate: dict, promoted:
 
 def promote(con: duckdb.DuckDBPyConnection, version: str, force: bool = False) -> dict:
     """Make a version the default for sampling; a version that failed its gate needs force."""
-    info = get_version(con, version)
+    info = get_version(con, version, POLICY)
     if info is None:
         raise PrefloopError("the base model is always available; name a version such as v2")
     gate = info["gate"] or {}
@@ -149,8 +172,10 @@ def register_version(
     config: dict,
     run_id: int | None,
     promoted: bool = True,
+    kind: str = POLICY,
 ) -> str:
-    """Move a complete adapter folder into place and record it as the next version."""
+    """Move a complete adapter folder into place and record it as the next version (a policy,
+    or with kind="reward" a reward model)."""
     set_aside_orphans(ws, con)  # so that numbering continues without a gap
     n = con.execute("SELECT count(*) FROM model_versions").fetchone()[0]
     version = f"v{n + 1}"
@@ -164,7 +189,7 @@ def register_version(
     try:
         con.execute(
             "INSERT INTO model_versions (id, parent, base_model, adapter_path, dataset_id, method, "
-            "config, run_id, promoted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "config, run_id, promoted, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 version,
                 parent,
@@ -175,6 +200,7 @@ def register_version(
                 json.dumps(config, sort_keys=True),
                 run_id,
                 promoted,
+                kind,
             ],
         )
     except Exception:

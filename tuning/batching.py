@@ -359,6 +359,49 @@ def token_logps(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probability (and optionally the policy's entropy) at every completion token, in the
     flat order of batch.labels; batch.candidate says which candidate each token belongs to."""
+
+    def predicting(first: int, end: int, length: int) -> torch.Tensor:
+        tokens = slice(batch.row_starts[first], batch.row_starts[end])
+        return (batch.source_row[tokens] - first) * length + batch.source_col[tokens]
+
+    token_logps, entropies = [], []
+    for (first, end, _), (logits, _) in _packed_forward(model, batch, predicting):
+        tokens = slice(batch.row_starts[first], batch.row_starts[end])
+        token_logps.append(-F.cross_entropy(logits, batch.labels[tokens], reduction="none"))
+        if with_entropy:
+            logp_all = F.log_softmax(logits, -1)
+            entropies.append(-(logp_all.exp() * logp_all).sum(-1))
+    logps = torch.cat(token_logps)
+    return logps, torch.cat(entropies) if with_entropy else None
+
+
+def last_token_hidden(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """(candidates, hidden) final hidden state at each candidate's last completion token: what
+    a scalar head reads, each candidate seeing only its prompt and itself. A candidate with no
+    completion tokens gets zeros."""
+    ends = torch.tensor([s + n - 1 for _, s, n in batch.spans], dtype=torch.long)
+    last_token = torch.tensor([n for *_, n in batch.spans], dtype=torch.long).cumsum(0) - 1
+    owner = batch.candidate.cpu()[last_token] if batch.spans else last_token
+    rows = torch.tensor([r for r, *_ in batch.spans], dtype=torch.long)
+
+    def last_positions(first: int, end: int, length: int) -> torch.Tensor:
+        mine = (rows >= first) & (rows < end)
+        return ((rows[mine] - first) * length + ends[mine]).to(batch.input_ids.device)
+
+    parts = [hidden for _, (_, hidden) in _packed_forward(model, batch, last_positions, True)]
+    if not parts:
+        raise ValueError("no candidate of the batch has a completion token")
+    hidden = torch.cat(parts)
+    out = hidden.new_zeros(batch.n_candidates, hidden.shape[-1])
+    return out.index_copy(0, owner.to(hidden.device), hidden)
+
+
+def _packed_forward(model: torch.nn.Module, batch: Batch, positions, keep_hidden: bool = False):
+    """Forward passes over the batch's rows in separately padded runs.
+
+    positions(first row, end row, run length) gives the flat positions of a run to read; yields
+    ((first, end, length), (float logits, final hidden states or None)) at those positions.
+    """
     inner = _unwrapped(model)
     head = inner.get_output_embeddings()
     dtype = head.weight.dtype if head is not None else torch.float32
@@ -373,11 +416,11 @@ def token_logps(
         )
     device = batch.input_ids.device
     overhead = RUN_OVERHEAD_TOKENS.get(device.type, DEFAULT_RUN_OVERHEAD_TOKENS)
-    token_logps, entropies = [], []
     for first, end in buckets(batch.row_lengths, overhead):
         length = batch.row_lengths[first]
-        tokens = slice(batch.row_starts[first], batch.row_starts[end])
-        source = (batch.source_row[tokens] - first) * length + batch.source_col[tokens]
+        source = positions(first, end, length)
+        if not len(source):
+            continue
         inputs = {
             "input_ids": batch.input_ids[first:end, :length],
             "position_ids": batch.position_ids[first:end, :length],
@@ -389,7 +432,7 @@ def token_logps(
             for config, _ in saved:
                 config._attn_implementation_internal = ATTENTION
             try:
-                logits = _head_logits(model, head, source, **inputs)
+                out = _head_logits(model, head, source, keep_hidden, **inputs)
             finally:
                 for config, value in saved:
                     config._attn_implementation_internal = value
@@ -398,24 +441,25 @@ def token_logps(
             mask = attention_mask(batch.segment_ids[first:end, :length])
             if impl == "eager":
                 mask = _additive(mask, dtype)
-            logits = _head_logits(model, head, source, attention_mask=mask, **inputs)
-        token_logps.append(-F.cross_entropy(logits, batch.labels[tokens], reduction="none"))
-        if with_entropy:
-            logp_all = F.log_softmax(logits, -1)
-            entropies.append(-(logp_all.exp() * logp_all).sum(-1))
-    logps = torch.cat(token_logps)
-    return logps, torch.cat(entropies) if with_entropy else None
+            out = _head_logits(model, head, source, keep_hidden, attention_mask=mask, **inputs)
+        yield (first, end, length), out
 
 
-def _head_logits(model, head, source: torch.Tensor, **inputs) -> torch.Tensor:
-    """(tokens, vocab) float logits at the flat positions source, from one forward pass."""
-    fired = []
+def _head_logits(
+    model, head, source: torch.Tensor, keep_hidden: bool = False, **inputs
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(tokens, vocab) float logits at the flat positions source, from one forward pass, and
+    with keep_hidden the final hidden states there (what the LM head reads)."""
+    fired, kept = [], []
 
     # Only the positions that predict a completion token go through the LM head.
     def gather(_module, args):
         fired.append(True)
         hidden = args[0]
-        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, source)[None],)
+        picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, source)
+        if keep_hidden:
+            kept.append(picked)
+        return (picked[None],)
 
     hook = head.register_forward_pre_hook(gather) if head is not None else None
     try:
@@ -425,5 +469,7 @@ def _head_logits(model, head, source: torch.Tensor, **inputs) -> torch.Tensor:
             hook.remove()
     logits = logits.reshape(-1, logits.shape[-1])
     if not fired:  # the model did not call its output embeddings as a module
+        if keep_hidden:
+            raise ValueError("this model's hidden states cannot be read at its output head")
         logits = logits.index_select(0, source)
-    return logits.float()
+    return logits.float(), (kept[0] if keep_hidden else None)

@@ -21,6 +21,7 @@ DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
 GRPO_LOSSES = ("grpo", "bnpo", "dr_grpo")
 SCALE_REWARDS = ("group", "batch", "none")
 SPLITS = ("train", "heldout")
+RM_LOSSES = ("pairwise", "listwise")
 
 
 def setting(
@@ -222,7 +223,56 @@ class GRPOConfig(TrainSettings):
             )
 
 
-METHOD_CONFIGS: dict[str, type[TrainSettings]] = {"dpo": DPOConfig, "grpo": GRPOConfig}
+@dataclass
+class RMConfig(TrainSettings):
+    """A reward-model run: the base model, a LoRA adapter and a scalar head on the last token."""
+
+    loss_type: str = setting(
+        "pairwise",
+        help="pairwise: Bradley–Terry over every ordered pair; listwise: Plackett–Luce over the "
+        "whole ranking (ties share their tier's choice set)",
+        choices=RM_LOSSES,
+        flag="loss",
+    )
+    margin: float = setting(
+        0.0, help="pairwise: the reward gap a preferred answer must win by, −log σ(r₊ − r₋ − m)"
+    )
+    center_rewards: float = setting(
+        0.0,
+        help="C: add C·mean((r₊ + r₋)²) (listwise: C·mean(r²)) so rewards stay centred on 0 "
+        "(TRL's center_rewards_coefficient; 0: off)",
+    )
+    soft_labels: str = setting(
+        "empirical",
+        help="targets from several annotators: empirical (pairwise: share preferring; "
+        "listwise: every annotator's ranking, equally weighted), bt (pairwise: fitted "
+        "Bradley–Terry probabilities) or hard (the consensus only)",
+        choices=SOFT_LABELS,
+    )
+    # a reward model does not generate: no fluency guard or promotion-gate sampling
+    guard_prompts: int = setting(
+        0, help="per-epoch guard: held-out prompts sampled after each epoch (0: no guard)"
+    )
+    gate_prompts: int = setting(
+        0, help="promotion gate: held-out prompts sampled at the end of the run to judge it"
+    )
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in RM_LOSSES:
+            raise ValueError(
+                f"unknown reward-model loss {self.loss_type!r}; use pairwise or listwise"
+            )
+        if self.soft_labels not in SOFT_LABELS:
+            raise ValueError(
+                f"unknown soft_labels {self.soft_labels!r}; use one of {', '.join(SOFT_LABELS)}"
+            )
+
+
+METHOD_CONFIGS: dict[str, type[TrainSettings]] = {
+    "dpo": DPOConfig,
+    "grpo": GRPOConfig,
+    "rm": RMConfig,
+}
 
 
 def field_types(cls: type) -> dict[str, Any]:
@@ -298,7 +348,7 @@ def settings_from_values(cls: type, values: dict, prefix: str = "") -> Any:
         raise PrefloopError(f"bad settings: {exc}") from exc
 
 
-def method_config(method: str, values: dict) -> DPOConfig | GRPOConfig:
+def method_config(method: str, values: dict) -> DPOConfig | GRPOConfig | RMConfig:
     """The tuning method's config dataclass built from values (unknown or ill-typed keys raise)."""
     cls = METHOD_CONFIGS.get(method)
     if cls is None:

@@ -43,7 +43,7 @@ class EvalConfig:
     """What `prefloop eval` measures and how it samples."""
 
     against: str = "base"
-    judge: str = LLM  # "llm", "human", a registered judge's name or "module:function"
+    judge: str = LLM  # "llm", "human", "rm:VERSION", a registered judge's name or "module:function"
     judge_model: str | None = None  # the LLM judge's model (default: the default model)
     rubric: str | None = None
     split: str = "heldout"
@@ -86,9 +86,14 @@ def _by_prompt(con, round_id: int) -> dict[int, rounds.GroupRecord]:
 
 
 def load_judge(ws: storedb.Workspace, cfg: EvalConfig):
-    """The judge cfg names: the LLM judge, a registered judge or a programmatic module:function."""
+    """The judge cfg names: the LLM judge, a reward model (rm:VERSION), a registered judge or a
+    programmatic module:function."""
     from labeling.judges import DEFAULT_RUBRIC, load_programmatic_judge, resolve_judge
     from tuning.llm_judge import LLMJudge
+    from tuning.reward_model import reward_judge, reward_version_of
+
+    if reward_version_of(cfg.judge) is not None:
+        return reward_judge(ws, cfg.judge)
 
     if cfg.judge == LLM:
         from tuning.modeling import load_base, load_tokenizer
@@ -148,7 +153,7 @@ def _load_policy(ws: storedb.Workspace, version: str):
 
     with storedb.connect(ws) as con:
         base = models.base_model(con)
-        info = models.get_version(con, version)
+        info = models.get_version(con, version, models.POLICY)
     tok = load_tokenizer(base)
     adapter = models.adapter_dir(ws, info) if info else None
     model = load_version(base, adapter)
@@ -476,8 +481,8 @@ def evaluate(ws: storedb.Workspace, version: str, cfg: EvalConfig) -> dict:
     settings (the version's own round when the version is base).
     """
     with storedb.connect(ws) as con:
-        info = models.get_version(con, version)
-        models.get_version(con, cfg.against)
+        info = models.get_version(con, version, models.POLICY)
+        models.get_version(con, cfg.against, models.POLICY)
     if version == cfg.against:
         raise PrefloopError("evaluate a version against a different one (--against)")
     # a programmatic judge loads (or fails) before anything is sampled

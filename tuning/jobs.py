@@ -11,7 +11,7 @@ from dataclasses import asdict, replace
 from store import datasets, models, runs
 from store import db as storedb
 from store.errors import PrefloopError
-from tuning.config import DPOConfig, GRPOConfig, SamplingConfig
+from tuning.config import METHOD_CONFIGS, DPOConfig, GRPOConfig, RMConfig, SamplingConfig
 
 
 def _fail(ws: storedb.Workspace, run_id: int, exc: BaseException) -> None:
@@ -134,7 +134,7 @@ def sample_job(
             note = gate_note(con, version)
             if note:
                 print(note, file=sys.stderr)
-        models.get_version(con, version)
+        models.get_version(con, version, models.POLICY)
         run_id = runs.start_run(con, "sample", {**asdict(cfg), "model_version": version})
     try:
         round_id = sample_round(
@@ -154,7 +154,7 @@ def eval_job(ws: storedb.Workspace, version: str, cfg) -> dict:
 
     with storedb.connect(ws) as con:
         runs.record_dead(con)
-        models.get_version(con, version)
+        models.get_version(con, version, models.POLICY)
         run_id = runs.start_run(con, "eval", {**asdict(cfg), "model_version": version})
     try:
         result = evaluate(ws, version, cfg)
@@ -247,7 +247,7 @@ def _preference_accuracy(ws: storedb.Workspace, version: str, beta: float) -> fl
 
 def tune_job(
     ws: storedb.Workspace,
-    cfg: DPOConfig | GRPOConfig,
+    cfg: DPOConfig | GRPOConfig | RMConfig,
     *,
     method: str = "dpo",
     from_version: str | None = None,
@@ -259,14 +259,21 @@ def tune_job(
     from labeling.curation import freeze_dataset
 
     rank = int(os.environ.get("RANK", "0"))  # set by `accelerate launch` for each process
-    if method not in ("dpo", "grpo"):
-        raise PrefloopError(f"unknown tuning method {method!r}; available: dpo, grpo")
+    if method not in METHOD_CONFIGS:
+        raise PrefloopError(
+            f"unknown tuning method {method!r}; available: {', '.join(METHOD_CONFIGS)}"
+        )
+    kind = models.REWARD if method == "rm" else models.POLICY
     with storedb.connect(ws) as con:
         base = models.base_model(con)
-        parent = models.get_version(con, from_version) if from_version else None
+        parent = models.get_version(con, from_version, kind) if from_version else None
         if dataset_id:
             datasets.get_dataset(con, dataset_id)
     dataset_id = dataset_id or freeze_dataset(ws)  # same content, same id in every process
+    if method == "rm":
+        return _tune_reward_model(
+            ws, cfg, base, parent, from_version, dataset_id, rank, show_progress
+        )
     beta = round_beta(cfg, method, parent)
     cfg = replace(cfg, beta=beta["beta"])
     config = {"method": method, "dataset": dataset_id, "from": from_version, **cfg.to_dict()}
@@ -288,27 +295,7 @@ def tune_job(
             guard_prompts=guard_prompts,
         )
         return ""
-    with storedb.connect(ws) as con:
-        runs.record_dead(con)
-        orphans = models.set_aside_orphans(ws, con)
-        running = runs.list_runs(con).query("status == 'running'")["id"].tolist()
-        run_id = runs.start_run(con, "tune", config)
-    _remove_stale_staging(ws, running)
-    for name, place in orphans:
-        print(
-            f"moved {name}, an adapter folder that no model version records (a killed run's), "
-            f"to {place}",
-            file=sys.stderr,
-        )
-    run_dir = ws.artifacts / "runs" / str(run_id)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
-    staging = ws.artifacts / "adapters" / f".staging-run{run_id}"
-
-    def on_step(step: int, metrics: dict[str, float]) -> None:
-        with storedb.connect(ws) as con:
-            runs.heartbeat(con, run_id, metrics, step)
-
+    run_id, run_dir, staging, on_step = _start_tune_run(ws, config)
     try:
         result = _train(
             ws, base, method, cfg, info, parent, staging, on_step, show_progress, guard_prompts
@@ -361,10 +348,124 @@ def tune_job(
     return version
 
 
+def _start_tune_run(ws: storedb.Workspace, config: dict):
+    """Record a tuning run and prepare its folders: (run id, run folder, staging adapter
+    folder, the heartbeat callback)."""
+    with storedb.connect(ws) as con:
+        runs.record_dead(con)
+        orphans = models.set_aside_orphans(ws, con)
+        running = runs.list_runs(con).query("status == 'running'")["id"].tolist()
+        run_id = runs.start_run(con, "tune", config)
+    _remove_stale_staging(ws, running)
+    for name, place in orphans:
+        print(
+            f"moved {name}, an adapter folder that no model version records (a killed run's), "
+            f"to {place}",
+            file=sys.stderr,
+        )
+    run_dir = ws.artifacts / "runs" / str(run_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    staging = ws.artifacts / "adapters" / f".staging-run{run_id}"
+
+    def on_step(step: int, metrics: dict[str, float]) -> None:
+        with storedb.connect(ws) as con:
+            runs.heartbeat(con, run_id, metrics, step)
+
+    return run_id, run_dir, staging, on_step
+
+
+def _heldout_groups(ws: storedb.Workspace) -> list:
+    """The labelled held-out groups (consensus of all annotators but the judge), if any."""
+    from labeling.curation import training_rows
+
+    with storedb.connect(ws) as con:
+        held_df, _ = training_rows(con, split="heldout")
+    return datasets.training_groups(held_df)
+
+
+def _tune_reward_model(
+    ws: storedb.Workspace,
+    cfg: RMConfig,
+    base: str,
+    parent: dict | None,
+    from_version: str | None,
+    dataset_id: str,
+    rank: int,
+    show_progress: bool,
+) -> str:
+    """Train a reward model on a dataset version and register it as a version of kind reward
+    (never promoted: it judges, it does not sample)."""
+    from tuning.reward_model import train_reward_model
+
+    config = {"method": "rm", "dataset": dataset_id, "from": from_version, **cfg.to_dict()}
+    with storedb.connect(ws) as con:
+        info = datasets.get_dataset(con, dataset_id)
+    rows = datasets.read_groups(ws, info)
+    heldout = _heldout_groups(ws)
+    init = models.adapter_dir(ws, parent) if parent else None
+    if rank != 0:  # a non-main process of a multi-process run: train its shard, record nothing
+        train_reward_model(
+            base, rows, cfg, ws.artifacts / "adapters" / ".unused", init_adapter=init,
+            heldout_rows=heldout, show_progress=False,
+        )  # fmt: skip
+        return ""
+    run_id, run_dir, staging, on_step = _start_tune_run(ws, config)
+    try:
+        result = train_reward_model(
+            base, rows, cfg, staging, init_adapter=init, heldout_rows=heldout,
+            on_step=on_step, show_progress=show_progress,
+        )  # fmt: skip
+        final = result.metrics
+        training = {
+            "epochs_run": result.epochs_run,
+            "kept_epoch": result.kept_epoch,
+            "heldout_groups": len(heldout),
+        }
+        (run_dir / "final_metrics.json").write_text(
+            json.dumps({**final, "training": training}, indent=2, default=float)
+        )
+        gate = {"kind": models.REWARD, "passed": True, "reasons": []}
+        if "eval/accuracy" in final:
+            gate["heldout_accuracy"] = final["eval/accuracy"]
+        with storedb.connect(ws) as con:
+            version = models.register_version(
+                ws,
+                con,
+                staging,
+                parent=from_version,
+                dataset_id=dataset_id,
+                method="rm",
+                config={**config, "final_metrics": final, "training": training},
+                run_id=run_id,
+                promoted=False,
+                kind=models.REWARD,
+            )
+            models.set_gate(con, version, gate, False)
+            runs.finish_run(con, run_id, version)
+    except BaseException as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        _fail(ws, run_id, exc)
+        raise
+    held = (
+        f", held-out accuracy {final['eval/accuracy']:.3f} (best epoch {result.kept_epoch})"
+        if "eval/accuracy" in final
+        else " (no labelled held-out groups to measure it on)"
+    )
+    print(
+        f"{version}: reward model, train accuracy {final.get('accuracy', float('nan')):.3f}"
+        f"{held}; use it as a judge: --judge rm:{version}",
+        file=sys.stderr,
+    )
+    return version
+
+
 def gate_text(gate) -> str:
     """A version's promotion-gate verdict in a few words, for tables."""
     if not isinstance(gate, dict):
         return "(made before the gate)"
+    if gate.get("kind") == "reward":
+        return "reward model (judges, never sampled)"
     reasons = "; ".join(gate.get("reasons", []))
     if gate.get("forced"):
         return f"forced past: {reasons}"

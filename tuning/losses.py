@@ -1,4 +1,5 @@
-"""Preference losses over log-probability tensors: the DPO family, Plackett–Luce, and GRPO."""
+"""Preference losses: the DPO family, Plackett–Luce and GRPO over log-probabilities, and the
+reward model's pairwise and listwise losses over scalar rewards."""
 
 from __future__ import annotations
 
@@ -170,3 +171,71 @@ def grpo_loss(
     if entropy is not None:
         metrics["entropy"] = (entropy * mask).sum() / n
     return loss, {k: v.detach() for k, v in metrics.items()}
+
+
+def reward_pairwise_loss(
+    rewards: torch.Tensor,
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    targets: torch.Tensor | None = None,
+    margin: float = 0.0,
+    center: float = 0.0,
+) -> torch.Tensor:
+    """Bradley–Terry loss of a reward model over pairs (TRL's reward-trainer formula).
+
+    rewards holds one scalar per candidate; pair i is (chosen[i], rejected[i]) with target
+    p_i, the probability that chosen wins (1 for the consensus; the annotators' share with soft
+    labels). Per pair: −p·log σ(r₊ − r₋ − m) − (1 − p)·log σ(r₋ − r₊ − m), i.e. whichever side
+    wins must win by the margin m; plus C·mean((r₊ + r₋)²) over pairs when centring (C > 0).
+    """
+    r_pos, r_neg = rewards[chosen], rewards[rejected]
+    p = torch.ones_like(r_pos) if targets is None else targets.to(r_pos.dtype)
+    gap = r_pos - r_neg
+    losses = -(p * F.logsigmoid(gap - margin) + (1 - p) * F.logsigmoid(-gap - margin))
+    loss = losses.mean()
+    if center:
+        loss = loss + center * ((r_pos + r_neg) ** 2).mean()
+    return loss
+
+
+def reward_listwise_loss(
+    rewards: torch.Tensor,
+    groups: list[tuple[int, list[list[list[int]]], list[float]]],
+    center: float = 0.0,
+) -> torch.Tensor:
+    """Plackett–Luce loss of a reward model over whole rankings, averaged over groups.
+
+    Each group is (offset of its first candidate in rewards, rankings, weights): a group's loss
+    is Σ_a w_a · NLL(ranking_a), with weights summing to 1 (one ranking with weight 1 for the
+    consensus; each annotator's ranking weighted equally with soft labels). Ties, Breslow's way:
+    every member of a tier is chosen from the same pool, the candidates not placed above the
+    tier (its tied peers included): P(tier) = Π_{i∈tier} e^{r_i} / (Σ_{j∈pool} e^{r_j})^|tier|.
+    The last tier is left out: what remains says nothing about order. Plus C·mean(r²) over
+    every candidate when centring.
+    """
+    per_group = []
+    for offset, rankings, weights in groups:
+        size = sum(len(tier) for tier in rankings[0])
+        r = rewards[offset : offset + size]
+        pairs = zip(rankings, weights, strict=True)
+        per_group.append(sum(w * plackett_luce_loss(r, ranking) for ranking, w in pairs))
+    loss = torch.stack(per_group).mean()
+    if center:
+        loss = loss + center * (rewards**2).mean()
+    return loss
+
+
+def reward_metrics(
+    rewards: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """TRL's reward-model metrics: accuracy counts only strict wins (r₊ > r₋) of the preferred
+    answer, margin is the mean r₊ − r₋, and the mean/min/max reward over every candidate."""
+    gap = rewards[chosen] - rewards[rejected]
+    metrics = {
+        "accuracy": (gap > 0).float().mean(),
+        "margin": gap.mean(),
+        "mean_reward": rewards.mean(),
+        "min_reward": rewards.min(),
+        "max_reward": rewards.max(),
+    }
+    return {k: v.detach() for k, v in metrics.items()}

@@ -34,7 +34,7 @@ def sample_round(
     with storedb.connect(ws) as con:
         base = models.base_model(con)
         version = version or models.latest_version(con)
-        info = models.get_version(con, version)
+        info = models.get_version(con, version, models.POLICY)
         todo = prompts.list_prompts(con, cfg.split)
     if todo.empty:
         raise PrefloopError(

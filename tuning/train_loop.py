@@ -60,8 +60,16 @@ class TrainResult:
     last_step: dict[str, float] = field(default_factory=dict)  # the last step's metrics
 
 
+# what training changes: LoRA weights, and a reward model's scalar head
+TRAINED_KEYS = ("lora_", "reward_head.")
+
+
 def _lora_state(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+    return {
+        k: v.detach().clone()
+        for k, v in model.state_dict().items()
+        if any(key in k for key in TRAINED_KEYS)
+    }
 
 
 def train(
