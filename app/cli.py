@@ -629,8 +629,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "tune",
         cmd_tune,
-        "train a LoRA adapter on the labelled groups (DPO or GRPO); every setting's default "
-        "comes from the method's config dataclass (tuning/config.py)",
+        "train a LoRA adapter on the labelled groups (DPO or GRPO), or online on fresh samples "
+        "of the prompts scored by --reward (--method grpo --online, --method rloo); every "
+        "setting's default comes from the method's config dataclass (tuning/config.py)",
     )
     p.add_argument(
         "--method",

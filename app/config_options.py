@@ -33,6 +33,7 @@ class ConfigOption:
     default: Any
     help: str
     choices: tuple = ()
+    repeat: bool = False  # given once per value: --reward a --reward b
 
     @property
     def dest(self) -> str:
@@ -45,7 +46,7 @@ def format_default(value: Any) -> str:
     if value is None:
         return "none"
     if isinstance(value, list):
-        return ",".join(map(str, value))
+        return ",".join(map(str, value)) or "none"
     return str(value)
 
 
@@ -72,6 +73,7 @@ def _options(cls: type, defaults: Any, prefix: tuple[str, ...], skip: set[str]):
             default=default,
             help=f.metadata.get("help", ""),
             choices=tuple(f.metadata.get("choices", ())),
+            repeat=bool(f.metadata.get("repeat")),
         )
 
 
@@ -112,6 +114,9 @@ def _argparse_kwargs(tp: Any) -> dict[str, Any]:
 
 def _add(parser_or_group, opt: ConfigOption, help_text: str) -> None:
     kwargs = _argparse_kwargs(opt.type)
+    if opt.repeat:
+        kwargs = {"action": "append", "type": str, "metavar": "VALUE"}
+        help_text += " (repeatable)"
     if opt.choices:
         kwargs["choices"] = opt.choices
     parser_or_group.add_argument(
@@ -159,7 +164,15 @@ def add_method_options(
             if next(iter(owners)) != method:
                 continue  # added with the first method that has it
             _check_same_kind(list(owners.values()))
-            _add(groups[method if len(owners) < len(classes) else ""], opt, shared_help(owners))
+            if len(owners) == len(classes):
+                key = ""
+            elif len(owners) == 1:
+                key = method
+            else:  # shared by some methods: one group for those methods
+                key = ", ".join(owners)
+                if key not in groups:
+                    groups[key] = parser.add_argument_group(f"settings of --method {key}")
+            _add(groups[key], opt, shared_help(owners))
     return groups
 
 

@@ -11,7 +11,7 @@ from dataclasses import asdict, replace
 from store import datasets, models, runs
 from store import db as storedb
 from store.errors import PrefloopError
-from tuning.config import DPOConfig, GRPOConfig, SamplingConfig
+from tuning.config import METHOD_CONFIGS, ONLINE_METHODS, DPOConfig, GRPOConfig, SamplingConfig
 
 
 def _fail(ws: storedb.Workspace, run_id: int, exc: BaseException) -> None:
@@ -53,9 +53,10 @@ def _train(
     on_step=None,
     show_progress: bool = True,
     guard_prompts: list[list[int]] | None = None,
+    run_id: int | None = None,
 ):
-    """Run the method's training loop on a dataset version; returns its TrainResult."""
-    rows = datasets.read_groups(ws, info)
+    """Run the method's training loop on a dataset version (online methods: on fresh samples
+    of the prompts); returns its TrainResult."""
     init = models.adapter_dir(ws, parent) if parent else None
     common = dict(
         init_adapter=init,
@@ -63,6 +64,11 @@ def _train(
         show_progress=show_progress,
         guard_prompts=guard_prompts,
     )
+    if is_online(method, cfg):
+        from tuning.online import train_online
+
+        return train_online(ws, base, method, cfg, out_dir, run_id=run_id, **common)
+    rows = datasets.read_groups(ws, info)
     if method == "grpo":
         from tuning.grpo import train_grpo
 
@@ -98,6 +104,11 @@ def _train(
         heldout_rows=heldout,
         **common,
     )
+
+
+def is_online(method: str, cfg) -> bool:
+    """Whether the run trains on fresh samples (rloo, grpo with online) rather than labels."""
+    return method in ONLINE_METHODS and bool(getattr(cfg, "online", False))
 
 
 def gate_note(con, chosen: str) -> str | None:
@@ -259,19 +270,33 @@ def tune_job(
     from labeling.curation import freeze_dataset
 
     rank = int(os.environ.get("RANK", "0"))  # set by `accelerate launch` for each process
-    if method not in ("dpo", "grpo"):
-        raise PrefloopError(f"unknown tuning method {method!r}; available: dpo, grpo")
+    if method not in METHOD_CONFIGS:
+        raise PrefloopError(
+            f"unknown tuning method {method!r}; available: {', '.join(METHOD_CONFIGS)}"
+        )
+    online = is_online(method, cfg)
+    if method in ONLINE_METHODS:
+        from tuning.online import check_online, check_rewards
+
+        check_online(method, cfg)
+        if online:
+            check_rewards(ws, cfg.reward)
+        if online and dataset_id:
+            raise PrefloopError("an online run samples its own data; drop --dataset")
     with storedb.connect(ws) as con:
         base = models.base_model(con)
         parent = models.get_version(con, from_version) if from_version else None
         if dataset_id:
             datasets.get_dataset(con, dataset_id)
-    dataset_id = dataset_id or freeze_dataset(ws)  # same content, same id in every process
+    if not online:
+        dataset_id = dataset_id or freeze_dataset(ws)  # same content, same id in every process
     beta = round_beta(cfg, method, parent)
     cfg = replace(cfg, beta=beta["beta"])
     config = {"method": method, "dataset": dataset_id, "from": from_version, **cfg.to_dict()}
-    with storedb.connect(ws) as con:
-        info = datasets.get_dataset(con, dataset_id)
+    info = None
+    if dataset_id:
+        with storedb.connect(ws) as con:
+            info = datasets.get_dataset(con, dataset_id)
     guard_prompts, guard_split = (
         _guard_prompts(ws, base) if cfg.guard_prompts > 0 or cfg.gate_prompts > 0 else ([], "")
     )
@@ -311,8 +336,9 @@ def tune_job(
 
     try:
         result = _train(
-            ws, base, method, cfg, info, parent, staging, on_step, show_progress, guard_prompts
-        )
+            ws, base, method, cfg, info, parent, staging, on_step, show_progress, guard_prompts,
+            run_id,
+        )  # fmt: skip
         final = result.metrics
         training = {
             "epochs_run": result.epochs_run,
