@@ -76,6 +76,7 @@ def labelling_rounds(ws: storedb.Workspace, user: User) -> pd.DataFrame:
     require(user, "label")
     with storedb.connect(ws) as con:
         df = rounds.list_rounds(con)
+    df = df[~df["source"].map(annotation.is_rollout_source)]  # online runs' step rounds
     if df.empty:
         return pd.DataFrame(columns=["id", "title", "mode"])
     df = df.sort_values("id", ascending=False)
