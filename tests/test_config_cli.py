@@ -21,6 +21,7 @@ from tuning.config import (
     DPOConfig,
     GRPOConfig,
     LoraSettings,
+    RLOOConfig,
     SamplingConfig,
     method_config,
 )
@@ -85,7 +86,12 @@ def test_no_flags_build_the_dataclass_defaults():
 
 @pytest.mark.parametrize(
     "command, method, cls",
-    [("tune", "dpo", DPOConfig), ("tune", "grpo", GRPOConfig), ("sample", None, SamplingConfig)],
+    [
+        ("tune", "dpo", DPOConfig),
+        ("tune", "grpo", GRPOConfig),
+        ("tune", "rloo", RLOOConfig),
+        ("sample", None, SamplingConfig),
+    ],
 )
 def test_every_field_has_an_option_with_the_dataclass_default(command, method, cls):
     actions = subcommand_actions(command)
@@ -118,9 +124,9 @@ def test_old_option_names_still_exist():
 def test_shared_options_appear_once_and_name_both_defaults():
     actions = subcommand_actions("tune")
     beta = actions["--beta"]
-    assert default_in_help(beta) == "dpo 0.1, grpo 0.0"
-    assert default_in_help(actions["--epochs"]) == "dpo 3, grpo 6"
-    assert default_in_help(actions["--lr"]) == "dpo 0.0005, grpo 0.003"
+    assert default_in_help(beta) == "dpo 0.1, grpo 0.0, rloo 0.0"
+    assert default_in_help(actions["--epochs"]) == "dpo 3, grpo 6, rloo 6"
+    assert default_in_help(actions["--lr"]) == "dpo 0.0005, grpo 0.003, rloo 0.003"
     assert default_in_help(actions["--max-length"]) == "512"
     assert default_in_help(actions["--loss"]) == "sigmoid"
     assert default_in_help(actions["--loss-type"]) == "grpo"
