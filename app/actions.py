@@ -193,6 +193,19 @@ def registered_judges(ws: storedb.Workspace, user: User) -> pd.DataFrame:
         return registry.list_judges(con)
 
 
+def reward_choices(ws: storedb.Workspace, user: User) -> list[str]:
+    """The rewards the web app's online runs may use: llm, registered judges, reward models."""
+    from store import judges as registry
+    from store import models
+
+    require(user, "start_jobs")
+    with storedb.connect(ws) as con:
+        names = registry.list_judges(con)["name"].tolist()
+        versions = models.list_versions(con)
+    reward_models = versions[versions["method"] == "rm"]["id"].tolist()
+    return ["llm", *names, *(f"rm:{v}" for v in reward_models)]
+
+
 def promote_version(ws: storedb.Workspace, user: User, version: str, force: bool = False) -> dict:
     """Make a model version the default that new rounds sample from (force: past a failed gate)."""
     from store import models

@@ -21,7 +21,7 @@ from store import owner as db_owner
 from store.access import User
 from store.errors import PrefloopError
 from store.prompts import SPLITS
-from tuning.config import DPOConfig, GRPOConfig, LoraSettings, SamplingConfig
+from tuning.config import DPOConfig, GRPOConfig, LoraSettings, RLOOConfig, SamplingConfig
 from tuning.jobs import gate_text
 
 PAGES = ("Annotator", "Researcher", "Loop", "Evaluation", "Team", "Admin")
@@ -40,6 +40,8 @@ METHODS = {  # label -> (method, DPO loss; None = listwise Plackett–Luce)
     "DPO (robust)": ("dpo", "robust"),
     "DPO listwise (Plackett–Luce)": ("dpo", None),
     "GRPO": ("grpo", None),
+    "GRPO online (fresh samples, a reward)": ("grpo", "online"),
+    "RLOO online (fresh samples, a reward)": ("rloo", "online"),
 }
 REFRESH_S = 3.0
 NO_PARENT = "(base model)"
@@ -148,8 +150,9 @@ def _tuning_form(ws: storedb.Workspace, version_ids: list[str], dataset_ids: lis
     st.subheader("Start a tuning run")
     # outside the form, so the fields below show the chosen method's own defaults
     method = st.selectbox("Method", list(METHODS), key="tune_method")
-    default = GRPOConfig() if METHODS[method][0] == "grpo" else DPOConfig()
-    with st.form(f"tune_form_{METHODS[method][0]}"):
+    online = METHODS[method][1] == "online"
+    default = {"grpo": GRPOConfig, "rloo": RLOOConfig}.get(METHODS[method][0], DPOConfig)()
+    with st.form(f"tune_form_{METHODS[method][0]}{'_online' if online else ''}"):
         c1, c2 = st.columns(2)
         beta = c1.number_input(
             "Beta", min_value=0.0, max_value=10.0, value=float(default.beta), key="tune_beta"
@@ -199,9 +202,11 @@ def _tuning_form(ws: storedb.Workspace, version_ids: list[str], dataset_ids: lis
                 "SFT weight α", min_value=0.0, value=float(default.sft_weight), key="tune_sft"
             )
         else:
-            gains = c2.text_input(
-                "Gains (linear, dcg or 1,0.6,0.3,0)", default.gains, key="tune_gains"
-            )
+            gains = ""
+            if isinstance(default, GRPOConfig) and not online:
+                gains = c2.text_input(
+                    "Gains (linear, dcg or 1,0.6,0.3,0)", default.gains, key="tune_gains"
+                )
             target_kl = c1.number_input(
                 "Target KL per token within the run (0 = fixed β)",
                 min_value=0.0,
@@ -209,6 +214,18 @@ def _tuning_form(ws: storedb.Workspace, version_ids: list[str], dataset_ids: lis
                 format="%.3f",
                 key="tune_target_kl",
             )
+        if online:
+            rewards = st.multiselect(
+                "Reward (llm, registered judges, reward models; summed)",
+                actions.reward_choices(ws, st.session_state["user"]),
+                key="tune_reward",
+            )
+            k = c1.number_input("Samples per prompt (K)", min_value=2, value=default.k,
+                                key="tune_online_k")  # fmt: skip
+            audit = c2.number_input(
+                "Audit: prompts per step sent to the annotators", min_value=0,
+                value=default.audit, key="tune_audit",
+            )  # fmt: skip
         if st.form_submit_button("Start tuning run", key="start_tuning"):
             name, loss = METHODS[method]
             common = dict(
@@ -218,12 +235,12 @@ def _tuning_form(ws: storedb.Workspace, version_ids: list[str], dataset_ids: lis
                 lora=LoraSettings(r=int(lora_r), alpha=int(lora_alpha)),
                 kl_budget=float(kl_budget),
             )
-            if name == "grpo":
-                cfg = GRPOConfig(
-                    beta=float(beta),
-                    gains=gains.strip() or "linear",
-                    target_kl=float(target_kl) or None,
-                    **common,
+            if online:
+                common.update(reward=list(rewards), k=int(k), audit=int(audit), online=True)
+            if name in ("grpo", "rloo"):
+                extra = {"gains": gains.strip() or "linear"} if name == "grpo" else {}
+                cfg = default.__class__(
+                    beta=float(beta), target_kl=float(target_kl) or None, **extra, **common
                 )
             else:
                 cfg = DPOConfig(
@@ -238,7 +255,7 @@ def _tuning_form(ws: storedb.Workspace, version_ids: list[str], dataset_ids: lis
                 cfg,
                 method=name,
                 from_version=None if parent == NO_PARENT else parent,
-                dataset_id=None if dataset == NEW_DATASET else dataset,
+                dataset_id=None if dataset == NEW_DATASET or online else dataset,
             )
             _launch(ws, args, f"a {method} run")
 
@@ -247,7 +264,10 @@ def _metric_charts(metrics: pd.DataFrame) -> None:
     if metrics.empty:
         st.caption("No metrics yet.")
         return
-    names = [n for n in ("loss", "rewards/accuracies", "kl") if n in metrics.columns]
+    shown = ("loss", "rewards/accuracies", "kl")
+    if "objective/scores" in metrics.columns:  # an online run: one point per rollout step
+        shown = ("objective/scores", "objective/kl", "beta", "frac_reward_zero_std")
+    names = [n for n in shown if n in metrics.columns]
     guard = [n for n in ("guard/kl_per_token", "guard/broken_share") if n in metrics.columns]
     if guard:  # the per-epoch fluency guard: one point per epoch
         names += guard

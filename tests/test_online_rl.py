@@ -3,6 +3,7 @@ model that store each step's samples with their rewards and record the step metr
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import types
@@ -20,6 +21,7 @@ from store.records import LabelRecord
 from tests.cli_helpers import ROOT, cli, cli_error
 from tests.fixtures_app import make_workspace
 from tests.judges.length import shorter
+from tests.test_app import model_ws  # noqa: F401  (a fixture)
 from tuning.generation import Sample
 from tuning.online import (
     ADAPTIVE_START_BETA,
@@ -252,3 +254,40 @@ def test_rloo_with_adaptive_kl_trains_a_version(online_ws, capsys, tmp_path):
     kl = metrics["kl_per_token"].iloc[0]
     assert beta[1] == pytest.approx(adaptive_beta(beta[0], kl, 0.01, 1 * 2, 10.0))
     assert (Path(online_ws.artifacts) / "adapters" / version).is_dir()
+
+
+# -- the Researcher page -------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("model_ws")
+def test_researcher_form_starts_an_online_rloo_run_with_a_registered_reward():
+    from tests.fixtures_app import add_prompts
+    from tests.test_app import click, element_values, finished_run, open_app
+
+    app_ws = db.workspace()  # the tiny-model workspace the app opens
+
+    add_prompts(app_ws, ["Name a colour.", "Say hi."])
+    register_judge(app_ws, "brevity", SHORTER, "rita")
+    at = open_app("Researcher")
+    at.selectbox(key="tune_method").set_value("RLOO online (fresh samples, a reward)").run()
+    reward = at.multiselect(key="tune_reward")
+    assert reward.options == ["llm", "brevity"]  # no module:function typed in the browser
+    reward.set_value(["brevity"])
+    at.number_input(key="tune_epochs").set_value(1)
+    at.number_input(key="tune_online_k").set_value(2)
+    at.number_input(key="tune_audit").set_value(1)
+    click(at, "start_tuning")
+    assert any("Started a RLOO online" in v for v in element_values(at, "success"))
+    row = finished_run(app_ws, "tune")
+    with db.connect(app_ws) as con:
+        version = models.get_version(con, row["result"])
+        metrics = runs.run_metrics(con, int(row["id"]))
+        run_rounds = rounds.rounds_of_run(con, int(row["id"]))
+    assert version["method"] == "rloo" and version["config"]["reward"] == ["brevity"]
+    assert "objective/scores" in metrics.columns
+    assert run_rounds["source"].str.startswith("audit:").sum() == 1
+    at.run()
+    assert not at.exception
+    charts = at.get("vega_lite_chart")
+    fields = [json.loads(c.proto.spec)["layer"][0]["encoding"]["y"]["field"] for c in charts]
+    assert fields[:2] == ["objective/scores", "objective/kl"]
