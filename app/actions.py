@@ -76,6 +76,7 @@ def labelling_rounds(ws: storedb.Workspace, user: User) -> pd.DataFrame:
     require(user, "label")
     with storedb.connect(ws) as con:
         df = rounds.list_rounds(con)
+    df = df[~df["source"].map(annotation.is_rollout_source)]  # online runs' step rounds
     if df.empty:
         return pd.DataFrame(columns=["id", "title", "mode"])
     df = df.sort_values("id", ascending=False)
@@ -190,6 +191,19 @@ def registered_judges(ws: storedb.Workspace, user: User) -> pd.DataFrame:
     require(user, "view_research")
     with storedb.connect(ws) as con:
         return registry.list_judges(con)
+
+
+def reward_choices(ws: storedb.Workspace, user: User) -> list[str]:
+    """The rewards the web app's online runs may use: llm, registered judges, reward models."""
+    from store import judges as registry
+    from store import models
+
+    require(user, "start_jobs")
+    with storedb.connect(ws) as con:
+        names = registry.list_judges(con)["name"].tolist()
+        versions = models.list_versions(con)
+    reward_models = versions[versions["kind"] == models.REWARD]["id"].tolist()
+    return ["llm", *names, *(f"rm:{v}" for v in reward_models)]
 
 
 def promote_version(ws: storedb.Workspace, user: User, version: str, force: bool = False) -> dict:

@@ -630,9 +630,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "tune",
         cmd_tune,
-        "train a LoRA adapter on the labelled groups (DPO or GRPO), or a reward model (rm: "
-        "an adapter plus a scalar head, a judge as rm:VERSION); every setting's default "
-        "comes from the method's config dataclass (tuning/config.py)",
+        "train a LoRA adapter on the labelled groups (DPO or GRPO), a reward model (rm: an "
+        "adapter plus a scalar head, a judge as rm:VERSION), or a policy online on fresh samples "
+        "of the prompts scored by --reward (--method grpo --online, --method rloo); every "
+        "setting's default comes from the method's config dataclass (tuning/config.py)",
     )
     p.add_argument(
         "--method",

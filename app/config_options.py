@@ -33,6 +33,7 @@ class ConfigOption:
     default: Any
     help: str
     choices: tuple = ()
+    repeat: bool = False  # given once per value: --reward a --reward b
 
     @property
     def dest(self) -> str:
@@ -45,7 +46,7 @@ def format_default(value: Any) -> str:
     if value is None:
         return "none"
     if isinstance(value, list):
-        return ",".join(map(str, value))
+        return ",".join(map(str, value)) or "none"
     return str(value)
 
 
@@ -70,8 +71,9 @@ def _options(cls: type, defaults: Any, prefix: tuple[str, ...], skip: set[str]):
             flag=flag,
             type=tp,
             default=default,
-            help=f.metadata.get("help", ""),
+            help=f.metadata.get("help", "") + (" (repeatable)" if f.metadata.get("repeat") else ""),
             choices=tuple(f.metadata.get("choices", ())),
+            repeat=bool(f.metadata.get("repeat")),
         )
 
 
@@ -110,8 +112,18 @@ def _argparse_kwargs(tp: Any) -> dict[str, Any]:
     return kwargs
 
 
+class _Repeated(argparse.Action):
+    """A list option given once per value; "none" empties the list."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        items = list(getattr(namespace, self.dest, None) or [])
+        setattr(namespace, self.dest, [] if values in NONE_WORDS else [*items, values])
+
+
 def _add(parser_or_group, opt: ConfigOption, help_text: str) -> None:
     kwargs = _argparse_kwargs(opt.type)
+    if opt.repeat:
+        kwargs = {"action": _Repeated, "metavar": "VALUE"}
     if opt.choices:
         kwargs["choices"] = opt.choices
     parser_or_group.add_argument(

@@ -21,7 +21,14 @@ from store import owner as db_owner
 from store.access import User
 from store.errors import PrefloopError
 from store.prompts import SPLITS
-from tuning.config import DPOConfig, GRPOConfig, LoraSettings, RMConfig, SamplingConfig
+from tuning.config import (
+    DPOConfig,
+    GRPOConfig,
+    LoraSettings,
+    RLOOConfig,
+    RMConfig,
+    SamplingConfig,
+)
 from tuning.jobs import gate_text
 
 PAGES = ("Annotator", "Researcher", "Loop", "Evaluation", "Team", "Admin")
@@ -40,6 +47,8 @@ METHODS = {  # label -> (method, DPO or reward-model loss; None = DPO listwise P
     "DPO (robust)": ("dpo", "robust"),
     "DPO listwise (Plackett–Luce)": ("dpo", None),
     "GRPO": ("grpo", None),
+    "GRPO online (fresh samples, a reward)": ("grpo", "online"),
+    "RLOO online (fresh samples, a reward)": ("rloo", "online"),
     "Reward model (pairwise Bradley–Terry)": ("rm", "pairwise"),
     "Reward model (listwise Plackett–Luce)": ("rm", "listwise"),
 }
@@ -156,10 +165,11 @@ def _tuning_form(
     # outside the form, so the fields below show the chosen method's own defaults
     method = st.selectbox("Method", list(METHODS), key="tune_method")
     kind = METHODS[method][0]
-    default = {"grpo": GRPOConfig, "rm": RMConfig}.get(kind, DPOConfig)()
+    online = METHODS[method][1] == "online"
+    default = {"grpo": GRPOConfig, "rloo": RLOOConfig, "rm": RMConfig}.get(kind, DPOConfig)()
     if kind == "rm":  # a reward model continues a reward model, never a policy
         version_ids = reward_ids or []
-    with st.form(f"tune_form_{kind}"):
+    with st.form(f"tune_form_{kind}{'_online' if online else ''}"):
         c1, c2 = st.columns(2)
         if isinstance(default, RMConfig):
             beta = c1.number_input(
@@ -223,9 +233,11 @@ def _tuning_form(
                 "SFT weight α", min_value=0.0, value=float(default.sft_weight), key="tune_sft"
             )
         else:
-            gains = c2.text_input(
-                "Gains (linear, dcg or 1,0.6,0.3,0)", default.gains, key="tune_gains"
-            )
+            gains = ""
+            if isinstance(default, GRPOConfig) and not online:
+                gains = c2.text_input(
+                    "Gains (linear, dcg or 1,0.6,0.3,0)", default.gains, key="tune_gains"
+                )
             target_kl = c1.number_input(
                 "Target KL per token within the run (0 = fixed β)",
                 min_value=0.0,
@@ -233,6 +245,18 @@ def _tuning_form(
                 format="%.3f",
                 key="tune_target_kl",
             )
+        if online:
+            rewards = st.multiselect(
+                "Reward (llm, registered judges, reward models; summed)",
+                actions.reward_choices(ws, st.session_state["user"]),
+                key="tune_reward",
+            )
+            k = c1.number_input("Samples per prompt (K)", min_value=2, value=default.k,
+                                key="tune_online_k")  # fmt: skip
+            audit = c2.number_input(
+                "Audit: prompts per step sent to the annotators", min_value=0,
+                value=default.audit, key="tune_audit",
+            )  # fmt: skip
         if st.form_submit_button("Start tuning run", key="start_tuning"):
             name, loss = METHODS[method]
             common = dict(
@@ -242,16 +266,16 @@ def _tuning_form(
                 lora=LoraSettings(r=int(lora_r), alpha=int(lora_alpha)),
                 kl_budget=float(kl_budget),
             )
+            if online:
+                common.update(reward=list(rewards), k=int(k), audit=int(audit), online=True)
             if name == "rm":
                 cfg = RMConfig(
                     loss_type=loss, margin=float(beta), center_rewards=float(center), **common
                 )
-            elif name == "grpo":
-                cfg = GRPOConfig(
-                    beta=float(beta),
-                    gains=gains.strip() or "linear",
-                    target_kl=float(target_kl) or None,
-                    **common,
+            elif name in ("grpo", "rloo"):
+                extra = {"gains": gains.strip() or "linear"} if name == "grpo" else {}
+                cfg = default.__class__(
+                    beta=float(beta), target_kl=float(target_kl) or None, **extra, **common
                 )
             else:
                 cfg = DPOConfig(
@@ -266,7 +290,7 @@ def _tuning_form(
                 cfg,
                 method=name,
                 from_version=None if parent == NO_PARENT else parent,
-                dataset_id=None if dataset == NEW_DATASET else dataset,
+                dataset_id=None if dataset == NEW_DATASET or online else dataset,
             )
             _launch(ws, args, f"a {method} run")
 
@@ -275,7 +299,10 @@ def _metric_charts(metrics: pd.DataFrame) -> None:
     if metrics.empty:
         st.caption("No metrics yet.")
         return
-    names = [n for n in ("loss", "rewards/accuracies", "kl", "accuracy") if n in metrics.columns]
+    shown = ("loss", "rewards/accuracies", "kl", "accuracy")
+    if "objective/scores" in metrics.columns:  # an online run: one point per rollout step
+        shown = ("objective/scores", "objective/kl", "beta", "frac_reward_zero_std")
+    names = [n for n in shown if n in metrics.columns]
     guard = [n for n in ("guard/kl_per_token", "guard/broken_share") if n in metrics.columns]
     if guard:  # the per-epoch fluency guard: one point per epoch
         names += guard

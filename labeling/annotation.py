@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from labeling import differences, queue
 from store import db as storedb
+from store import rounds
 from store.errors import PrefloopError
 from store.records import LabelRecord
 from store.rounds import GroupRecord
@@ -327,11 +328,19 @@ def save_label(ws: storedb.Workspace, record: LabelRecord) -> None:
     queue.save(ws, record)
 
 
+def is_rollout_source(source: str | None) -> bool:
+    """Whether a round holds an online run's step samples (kept off the annotators' list; the
+    run's audit round is theirs)."""
+    return bool(source) and str(source).startswith(rounds.ROLLOUT_SOURCE)
+
+
 def round_title(
     round_id: int, model_version: str | None, source: str | None = None, mode: str | None = None
 ) -> str:
     """How a round is named in the annotator page."""
     kind = "Thumbs" if mode == "thumbs" else "Ranking"
+    if source and source.startswith(rounds.AUDIT_SOURCE):
+        return f"{kind} round {round_id} (samples of tuning {source.removeprefix('audit:')})"
     if model_version:
         return f"{kind} round {round_id} (model version {model_version})"
     origin = f"imported: {source.removeprefix('import:')}" if source else "imported"

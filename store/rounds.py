@@ -296,3 +296,69 @@ def latest_round(con: duckdb.DuckDBPyConnection) -> int | None:
     """The newest round's id, or None."""
     row = con.execute("SELECT max(id) FROM rounds").fetchone()
     return None if row[0] is None else int(row[0])
+
+
+# Rounds an online tuning run stores: every step's samples (hidden from annotators) and the
+# audit round (labelable) that receives a few of each step's groups.
+ROLLOUT_SOURCE = "rollout:"
+AUDIT_SOURCE = "audit:"
+
+
+def rollout_source(run_id: int, step: int) -> str:
+    """The source of an online run's step round."""
+    return f"{ROLLOUT_SOURCE}run {int(run_id)} step {int(step)}"
+
+
+def audit_source(run_id: int) -> str:
+    """The source of an online run's audit round."""
+    return f"{AUDIT_SOURCE}run {int(run_id)}"
+
+
+def add_scored_groups(
+    con: duckdb.DuckDBPyConnection,
+    source: str,
+    settings: dict,
+    step: int,
+    items: list[tuple[int, list[CandidateRecord]]],
+    rewards: list[list[float]],
+) -> int:
+    """Store groups with each candidate's reward in the round of `source` (created with
+    settings on first use); the round's settings record each candidate's reward and each
+    group's step. Returns the round id."""
+    row = con.execute(
+        "SELECT id, settings FROM rounds WHERE source = ? ORDER BY id LIMIT 1", [source]
+    ).fetchone()
+    if row is None:
+        k = max((len(c) for _, c in items), default=0)
+        round_id = create_round(con, None, "train", k, settings, source)
+        stored = {**settings}
+    else:
+        round_id, stored = int(row[0]), json.loads(row[1])
+    added = add_groups(con, round_id, items)
+    by_candidate = stored.setdefault("rewards", {})
+    steps = stored.setdefault("steps", {})
+    for (group_id, cand_ids), group_rewards in zip(added, rewards, strict=True):
+        steps[str(group_id)] = int(step)
+        for cid, reward in zip(cand_ids, group_rewards, strict=True):
+            by_candidate[str(cid)] = float(reward)
+    con.execute(
+        "UPDATE rounds SET settings = ? WHERE id = ?",
+        [json.dumps(stored, sort_keys=True), round_id],
+    )
+    return round_id
+
+
+def candidate_rewards(con: duckdb.DuckDBPyConnection, round_id: int) -> dict[int, float]:
+    """The reward an online run gave each candidate of one of its rounds (empty for others)."""
+    settings = get_round(con, round_id)["settings"] or {}
+    return {int(c): float(r) for c, r in (settings.get("rewards") or {}).items()}
+
+
+def rounds_of_run(con: duckdb.DuckDBPyConnection, run_id: int) -> pd.DataFrame:
+    """An online run's rounds (its step rounds and its audit round): id, source, step."""
+    df = con.execute(
+        "SELECT id, source, settings FROM rounds WHERE source = ? OR source LIKE ? ORDER BY id",
+        [audit_source(run_id), f"{ROLLOUT_SOURCE}run {int(run_id)} step %"],
+    ).df()
+    df["step"] = [json.loads(s).get("step") for s in df["settings"]]
+    return df.drop(columns=["settings"])

@@ -21,6 +21,7 @@ from tuning.config import (
     DPOConfig,
     GRPOConfig,
     LoraSettings,
+    RLOOConfig,
     RMConfig,
     SamplingConfig,
     method_config,
@@ -91,6 +92,7 @@ def test_no_flags_build_the_dataclass_defaults():
         ("tune", "dpo", DPOConfig),
         ("tune", "grpo", GRPOConfig),
         ("tune", "rm", RMConfig),
+        ("tune", "rloo", RLOOConfig),
         ("sample", None, SamplingConfig),
     ],
 )
@@ -125,9 +127,9 @@ def test_old_option_names_still_exist():
 def test_shared_options_appear_once_and_name_both_defaults():
     actions = subcommand_actions("tune")
     beta = actions["--beta"]
-    assert default_in_help(beta) == "dpo 0.1, grpo 0.0"
-    assert default_in_help(actions["--epochs"]) == "dpo 3, grpo 6, rm 3"
-    assert default_in_help(actions["--lr"]) == "dpo 0.0005, grpo 0.003, rm 0.0005"
+    assert default_in_help(beta) == "dpo 0.1, grpo 0.0, rloo 0.0"
+    assert default_in_help(actions["--epochs"]) == "dpo 3, grpo 6, rm 3, rloo 6"
+    assert default_in_help(actions["--lr"]) == "dpo 0.0005, grpo 0.003, rm 0.0005, rloo 0.003"
     assert default_in_help(actions["--max-length"]) == "512"
     assert default_in_help(actions["--loss"]) == "dpo sigmoid, rm pairwise"
     assert tune_config(parse("tune", "--method", "rm", "--loss", "listwise"))[1] == RMConfig(

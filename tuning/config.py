@@ -3,7 +3,8 @@
 Each field's default, help text and (where it has a fixed set) choices live here only: the CLI
 options are generated from these fields (app/config_options.py) and the web forms build them.
 Field metadata: "help" (what the setting does), "choices" (allowed values) and, rarely,
-"flag" (the command-line option name when it is not the field name).
+"flag" (the command-line option name when it is not the field name) and "repeat" (a list option
+given once per value).
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ GRPO_LOSSES = ("grpo", "bnpo", "dr_grpo")
 SCALE_REWARDS = ("group", "batch", "none")
 SPLITS = ("train", "heldout")
 RM_LOSSES = ("pairwise", "listwise")
+ONLINE_HELP = (
+    "train on fresh samples from the policy scored by --reward instead of on the labelled "
+    "groups (online GRPO; rloo is always online)"
+)
 
 
 def setting(
@@ -31,6 +36,7 @@ def setting(
     choices: tuple = (),
     flag: str | None = None,
     default_factory: Any = MISSING,
+    repeat: bool = False,
 ) -> Any:
     """A dataclass field with its help text (and choices, option name) in the metadata."""
     metadata: dict[str, Any] = {"help": help}
@@ -38,6 +44,8 @@ def setting(
         metadata["choices"] = tuple(choices)
     if flag:
         metadata["flag"] = flag
+    if repeat:
+        metadata["repeat"] = True  # a list option given once per value (--reward a --reward b)
     return field(default=default, default_factory=default_factory, metadata=metadata)
 
 
@@ -174,21 +182,45 @@ class DPOConfig(TrainSettings):
 
 
 @dataclass
-class GRPOConfig(TrainSettings):
-    """A GRPO run on ranked groups: gains, advantages, clipping, KL and optimisation settings."""
+class OnlineSettings(TrainSettings):
+    """Settings of the online methods: fresh samples of the train prompts, scored by rewards."""
 
-    # measured (bench/defaults_sweep.py): GRPO needs more steps and a larger rate than DPO to move
-    # a 135M model on a few dozen groups; the fluency guard bounds the drift instead of β
-    epochs: int = setting(6, help="passes over the dataset")
-    lr: float = setting(3e-3, help="peak learning rate (AdamW)")
-    gains: str = setting(
-        "linear", help="rank → gain: linear, dcg, or explicit values such as 1,0.6,0.3,0"
+    online: bool = setting(False, help=ONLINE_HELP)
+    reward: list[str] = setting(
+        help="online: a reward, repeatable and weighted: rm:VERSION, llm, a registered judge or "
+        "module:function, e.g. --reward rm:v3 --reward mymod:brevity*0.2",
+        default_factory=list,
+        repeat=True,
     )
-    scale_rewards: str = setting(
-        "group",
-        help="divide advantages by the std of the group, of the batch, or not at all",
-        choices=SCALE_REWARDS,
+    prompts: str | None = setting(
+        None, help="online: a prompts file to sample from (default: the workspace's train prompts)"
     )
+    k: int = setting(4, help="online: samples per prompt")
+    prompts_per_step: int = setting(
+        8, help="online: prompts sampled per rollout step (each split into --groups-per-step)"
+    )
+    max_new_tokens: int = setting(64, help="online: most tokens generated per sample")
+    temperature: float = setting(1.0, help="online: sampling temperature of the rollouts")
+    top_p: float = setting(1.0, help="online: nucleus sampling of the rollouts")
+    truncation_penalty: float = setting(
+        0.0, help="online: subtracted from the reward of a sample cut off without an end token"
+    )
+    kl_horizon: float = setting(
+        1000.0,
+        help="online with --target-kl: the adaptive KL controller's horizon, in samples "
+        "(β moves by at most ±20% × samples/horizon per step)",
+    )
+    audit: int = setting(
+        0,
+        help="online: put this many of each step's prompts with their samples into an "
+        "annotator round of the run, to check the reward against people",
+    )
+
+
+@dataclass
+class PolicySettings(OnlineSettings):
+    """The clipped policy-gradient settings GRPO and RLOO share."""
+
     epsilon: float = setting(0.2, help="clipping range of the probability ratio")
     epsilon_high: float | None = setting(
         None, help="upper clipping range (none: the same as epsilon)"
@@ -207,6 +239,25 @@ class GRPOConfig(TrainSettings):
     )
     ppo_epochs: int = setting(1, help="passes over each batch")
     entropy_coef: float = setting(0.0, help="entropy bonus weight")
+
+
+@dataclass
+class GRPOConfig(PolicySettings):
+    """A GRPO run on ranked groups (or, with online, on fresh scored samples): gains,
+    advantages, clipping, KL and optimisation settings."""
+
+    # measured (bench/defaults_sweep.py): GRPO needs more steps and a larger rate than DPO to move
+    # a 135M model on a few dozen groups; the fluency guard bounds the drift instead of β
+    epochs: int = setting(6, help="passes over the dataset")
+    lr: float = setting(3e-3, help="peak learning rate (AdamW)")
+    gains: str = setting(
+        "linear", help="rank → gain: linear, dcg, or explicit values such as 1,0.6,0.3,0"
+    )
+    scale_rewards: str = setting(
+        "group",
+        help="divide advantages by the std of the group, of the batch, or not at all",
+        choices=SCALE_REWARDS,
+    )
     # per-candidate gains: mean (the annotators' schedule gains, averaged) or bt (mean fitted
     # Bradley–Terry probability of beating the group's other candidates; ignores `gains`)
     gain_source: str = setting(
@@ -268,11 +319,24 @@ class RMConfig(TrainSettings):
             )
 
 
+@dataclass
+class RLOOConfig(PolicySettings):
+    """An RLOO run: K fresh samples per prompt, each one's advantage its reward minus the mean
+    reward of the group's others; clipping, KL and optimisation as GRPO."""
+
+    online: bool = setting(True, help=ONLINE_HELP)
+    # as GRPO's, so the two compare (not measured for online runs yet)
+    epochs: int = setting(6, help="passes over the prompts")
+    lr: float = setting(3e-3, help="peak learning rate (AdamW)")
+
+
 METHOD_CONFIGS: dict[str, type[TrainSettings]] = {
     "dpo": DPOConfig,
     "grpo": GRPOConfig,
     "rm": RMConfig,
+    "rloo": RLOOConfig,
 }
+ONLINE_METHODS = ("grpo", "rloo")  # methods that train on fresh samples (grpo with online)
 
 
 def field_types(cls: type) -> dict[str, Any]:
@@ -348,7 +412,7 @@ def settings_from_values(cls: type, values: dict, prefix: str = "") -> Any:
         raise PrefloopError(f"bad settings: {exc}") from exc
 
 
-def method_config(method: str, values: dict) -> DPOConfig | GRPOConfig | RMConfig:
+def method_config(method: str, values: dict) -> TrainSettings:
     """The tuning method's config dataclass built from values (unknown or ill-typed keys raise)."""
     cls = METHOD_CONFIGS.get(method)
     if cls is None:

@@ -11,7 +11,14 @@ from dataclasses import asdict, replace
 from store import datasets, models, runs
 from store import db as storedb
 from store.errors import PrefloopError
-from tuning.config import METHOD_CONFIGS, DPOConfig, GRPOConfig, RMConfig, SamplingConfig
+from tuning.config import (
+    METHOD_CONFIGS,
+    ONLINE_METHODS,
+    DPOConfig,
+    GRPOConfig,
+    RMConfig,
+    SamplingConfig,
+)
 
 
 def _fail(ws: storedb.Workspace, run_id: int, exc: BaseException) -> None:
@@ -53,9 +60,10 @@ def _train(
     on_step=None,
     show_progress: bool = True,
     guard_prompts: list[list[int]] | None = None,
+    run_id: int | None = None,
 ):
-    """Run the method's training loop on a dataset version; returns its TrainResult."""
-    rows = datasets.read_groups(ws, info)
+    """Run the method's training loop on a dataset version (online methods: on fresh samples
+    of the prompts); returns its TrainResult."""
     init = models.adapter_dir(ws, parent) if parent else None
     common = dict(
         init_adapter=init,
@@ -63,6 +71,11 @@ def _train(
         show_progress=show_progress,
         guard_prompts=guard_prompts,
     )
+    if is_online(method, cfg):
+        from tuning.online import train_online
+
+        return train_online(ws, base, method, cfg, out_dir, run_id=run_id, **common)
+    rows = datasets.read_groups(ws, info)
     if method == "grpo":
         from tuning.grpo import train_grpo
 
@@ -98,6 +111,11 @@ def _train(
         heldout_rows=heldout,
         **common,
     )
+
+
+def is_online(method: str, cfg) -> bool:
+    """Whether the run trains on fresh samples (rloo, grpo with online) rather than labels."""
+    return method in ONLINE_METHODS and bool(getattr(cfg, "online", False))
 
 
 def gate_note(con, chosen: str) -> str | None:
@@ -264,12 +282,22 @@ def tune_job(
             f"unknown tuning method {method!r}; available: {', '.join(METHOD_CONFIGS)}"
         )
     kind = models.REWARD if method == "rm" else models.POLICY
+    online = is_online(method, cfg)
+    if method in ONLINE_METHODS:
+        from tuning.online import check_online, check_rewards
+
+        check_online(method, cfg)
+        if online:
+            check_rewards(ws, cfg.reward)
+        if online and dataset_id:
+            raise PrefloopError("an online run samples its own data; drop --dataset")
     with storedb.connect(ws) as con:
         base = models.base_model(con)
         parent = models.get_version(con, from_version, kind) if from_version else None
         if dataset_id:
             datasets.get_dataset(con, dataset_id)
-    dataset_id = dataset_id or freeze_dataset(ws)  # same content, same id in every process
+    if not online:
+        dataset_id = dataset_id or freeze_dataset(ws)  # same content, same id in every process
     if method == "rm":
         return _tune_reward_model(
             ws, cfg, base, parent, from_version, dataset_id, rank, show_progress
@@ -277,8 +305,10 @@ def tune_job(
     beta = round_beta(cfg, method, parent)
     cfg = replace(cfg, beta=beta["beta"])
     config = {"method": method, "dataset": dataset_id, "from": from_version, **cfg.to_dict()}
-    with storedb.connect(ws) as con:
-        info = datasets.get_dataset(con, dataset_id)
+    info = None
+    if dataset_id:
+        with storedb.connect(ws) as con:
+            info = datasets.get_dataset(con, dataset_id)
     guard_prompts, guard_split = (
         _guard_prompts(ws, base) if cfg.guard_prompts > 0 or cfg.gate_prompts > 0 else ([], "")
     )
@@ -298,8 +328,9 @@ def tune_job(
     run_id, run_dir, staging, on_step = _start_tune_run(ws, config)
     try:
         result = _train(
-            ws, base, method, cfg, info, parent, staging, on_step, show_progress, guard_prompts
-        )
+            ws, base, method, cfg, info, parent, staging, on_step, show_progress, guard_prompts,
+            run_id,
+        )  # fmt: skip
         final = result.metrics
         training = {
             "epochs_run": result.epochs_run,

@@ -1,7 +1,9 @@
 """The one training loop every tuning method runs on.
 
-A method supplies its training groups and a batch → (loss, metrics) function; the loop does the
-rest: optimizer and schedule, accelerate, sharding, the progress bar, metric reduction and
+A method supplies its training groups and a batch → (loss, metrics) function; an online method
+supplies prompts instead and a rollout step that turns a batch of them into groups (sample from
+the current policy, score, advantages), which the loop then trains on in minibatches. The loop
+does the rest: optimizer and schedule, accelerate, sharding, the progress bar, metric reduction and
 logging, per-epoch checks (the fluency guard and held-out scores), keeping the right epoch, and
 saving the adapter. Read it top to bottom.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +27,9 @@ from tuning.guard import GUARD_K, Guard, GuardReport
 StepCallback = Callable[[int, dict[str, float]], None]
 # (model, the groups of this process's share of a batch) -> (loss, metrics)
 LossFn = Callable[[torch.nn.Module, list], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+# online methods: (policy, this process's share of a batch of prompts, rollout step) ->
+# (the groups to train on, the rollout's metrics)
+RolloutFn = Callable[[torch.nn.Module, list, int], tuple[list, dict[str, float]]]
 
 
 @dataclass
@@ -45,6 +51,11 @@ class Method:
     postfix: tuple[str, ...] = ("loss",)
     # final metrics of the kept adapter (e.g. DPO's metrics over every pair)
     final_metrics: Callable[[torch.nn.Module], dict[str, float]] | None = None
+    # online methods: `groups` are prompts, a batch holds `batch_size` of them, and `rollout`
+    # turns a batch into groups to train on in minibatches of cfg.groups_per_step; metrics are
+    # then logged once per rollout step (the minibatches' mean), `after_step` runs once per step
+    rollout: RolloutFn | None = None
+    batch_size: int | None = None
 
 
 @dataclass
@@ -92,8 +103,11 @@ def train(
 
     # -- optimizer and schedule: AdamW on the LoRA weights, linear warm-up then constant -----
     groups = method.groups
-    steps_per_epoch = math.ceil(len(groups) / cfg.groups_per_step)
-    total = steps_per_epoch * cfg.epochs * method.passes_per_batch
+    online = method.rollout is not None
+    batch_size = method.batch_size or cfg.groups_per_step
+    steps_per_epoch = math.ceil(len(groups) / batch_size)
+    minibatches = math.ceil(batch_size / cfg.groups_per_step) if online else 1
+    total = steps_per_epoch * cfg.epochs * method.passes_per_batch * minibatches
     params, optimizer, scheduler = make_optimizer(model, cfg, total)
 
     # -- accelerate: device placement and, under `accelerate launch`, DDP ---------------------
@@ -110,41 +124,70 @@ def train(
     measured: dict[int, GuardReport] = {}  # epoch -> the guard's report, to reuse for the gate
     stopped_by = None
 
-    step, epochs_run, logged = 0, 0, {}
-    bar = tqdm(total=total, desc=method.name, unit="step", disable=not (show_progress and main))
+    step, batches, epochs_run, logged = 0, 0, 0, {}
+    bar_total = steps_per_epoch * cfg.epochs if online else total
+    bar = tqdm(total=bar_total, desc=method.name, unit="step", disable=not (show_progress and main))
     order_rng = random.Random(cfg.seed)
     for epoch in range(cfg.epochs):
         # -- one epoch: shuffled batches of groups, each process trains its share ------------
         order = list(range(len(groups)))
         order_rng.shuffle(order)
         for s in range(steps_per_epoch):
-            ids = order[s * cfg.groups_per_step : (s + 1) * cfg.groups_per_step]
+            ids = order[s * batch_size : (s + 1) * batch_size]
             chunk = [groups[i] for i in ids[rank::world]] or [groups[ids[0]]]
-            extra = method.batch_metrics(chunk) if method.batch_metrics else {}
+            batches += 1
+            if online:
+                # -- rollout: sample from the current policy, score, advantages ----------------
+                chunk, extra = method.rollout(unwrapped, chunk, batches)
+                train_started = time.perf_counter()
+            else:
+                extra = method.batch_metrics(chunk) if method.batch_metrics else {}
+            minis = [
+                chunk[i : i + cfg.groups_per_step]
+                for i in range(0, len(chunk), cfg.groups_per_step)
+            ]
+            seen: list[dict[str, float]] = []
             for _ in range(method.passes_per_batch):
-                # -- forward, backward, clip, step ------------------------------------------
-                model.train()
-                loss, metrics = method.loss(model, chunk)
-                accelerator.backward(loss)
-                grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                # -- metrics: mean over processes, then logged by the main process ----------
-                logged = {"loss": loss.detach(), **metrics, "grad_norm": torch.as_tensor(grad_norm)}
-                logged = {
-                    k: float(accelerator.reduce(v.to(dev).float(), "mean"))
-                    for k, v in logged.items()
-                }
-                logged.update(extra)
-                logged["learning_rate"] = scheduler.get_last_lr()[0]
-                logged["epoch"] = epoch + (s + 1) / steps_per_epoch
+                for mini in minis:
+                    # -- forward, backward, clip, step --------------------------------------
+                    model.train()
+                    loss, metrics = method.loss(model, mini)
+                    accelerator.backward(loss)
+                    grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    # -- metrics: mean over processes, then logged by the main process ------
+                    logged = {
+                        "loss": loss.detach(),
+                        **metrics,
+                        "grad_norm": torch.as_tensor(grad_norm),
+                    }
+                    logged = {
+                        k: float(accelerator.reduce(v.to(dev).float(), "mean"))
+                        for k, v in logged.items()
+                    }
+                    logged.update(extra)
+                    logged["learning_rate"] = scheduler.get_last_lr()[0]
+                    logged["epoch"] = epoch + (s + 1) / steps_per_epoch
+                    if online:
+                        seen.append(logged)
+                        continue
+                    if method.after_step is not None:
+                        logged.update(method.after_step(logged))
+                    bar.update(1)
+                    bar.set_postfix({k: f"{logged[k]:.4f}" for k in method.postfix if k in logged})
+                    log(step, logged)
+            if online:
+                # -- an online step's metrics: the minibatches' mean, logged once -------------
+                logged = {k: sum(m[k] for m in seen) / len(seen) for k in seen[-1]}
+                logged["time/train_s"] = time.perf_counter() - train_started
                 if method.after_step is not None:
                     logged.update(method.after_step(logged))
                 bar.update(1)
                 bar.set_postfix({k: f"{logged[k]:.4f}" for k in method.postfix if k in logged})
-                log(step, logged)
+                log(batches, logged)
         epochs_run = epoch + 1
         if not checking:
             kept_epoch = epochs_run
@@ -155,7 +198,7 @@ def train(
             report = guard.measure(unwrapped, cfg.guard_prompts)
             measured[epochs_run] = report
             reports.append({"epoch": epochs_run, **report.to_dict()})
-            log(step, {**report.metrics("guard"), "epoch": epochs_run})
+            log(batches if online else step, {**report.metrics("guard"), "epoch": epochs_run})
             if not report.within:
                 stopped_by = "guard"
                 break
@@ -163,7 +206,7 @@ def train(
         # -- held-out score: keep the best epoch, stop after `patience` without a better one -
         score = method.epoch_score(unwrapped) if method.epoch_score else None
         if score is not None:
-            log(step, {method.score_name: score, "epoch": epochs_run})
+            log(batches if online else step, {method.score_name: score, "epoch": epochs_run})
         if score is None or score > best_score:
             best_score = score if score is not None else best_score
             kept_epoch, since_best = epochs_run, 0
