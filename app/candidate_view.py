@@ -1,5 +1,6 @@
-"""Drawing model output on the annotator page: candidates and prompts through the safe
-renderer of labeling.candidate_render, a raw toggle per candidate, long answers collapsed."""
+"""Drawing model output wherever people read it (the annotator page, adjudication, side by side
+on the Evaluation page): candidates and prompts through the safe renderer of
+labeling.candidate_render, a raw toggle per candidate, long answers collapsed."""
 
 from __future__ import annotations
 

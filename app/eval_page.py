@@ -7,7 +7,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from app import actions, launcher
+from app import actions, candidate_view, launcher
 from labeling.safe_text import plain
 from store import db as storedb
 from store import evals, models, rounds, runs
@@ -337,14 +337,11 @@ def _side_by_side(ws: storedb.Workspace, round_df: pd.DataFrame) -> None:
     for pid in shared[:20]:
         with st.container(border=True):
             st.caption("Prompt")
-            st.text(a[pid].prompt)
-            la, rb = st.columns(2)
-            with la:
-                for t in a[pid].texts:
-                    st.text(t)
-            with rb:
-                for t in b[pid].texts:
-                    st.text(t)
+            candidate_view.show_text(a[pid].prompt)
+            for side, group in zip(st.columns(2), (a[pid], b[pid]), strict=True):
+                with side:
+                    for cid, t in zip(group.candidate_ids, group.texts, strict=True):
+                        candidate_view.show_candidate(t, key=f"side_{cid}")
 
 
 def evaluation_page(ws: storedb.Workspace, user: User) -> None:

@@ -6,7 +6,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from app import actions
+from app import actions, candidate_view
 from labeling.queue import parse_ranking
 from labeling.safe_text import plain, plain_list
 from store import db as storedb
@@ -170,10 +170,10 @@ def _disputes(ws: storedb.Workspace, user: User, report) -> None:
     gid = st.selectbox("Adjudicate group", list(report.disputes["group_id"]), key="dispute_pick")
     group, labs = actions.group_detail(ws, user, int(gid))
     st.caption("Prompt")
-    st.text(group.prompt)
+    candidate_view.show_text(group.prompt)
     for cid, text in zip(group.candidate_ids, group.texts, strict=True):
         st.caption(f"Candidate {cid}")
-        st.text(text)
+        candidate_view.show_candidate(text, key=f"adj_{cid}")
     st.dataframe(
         labs[["annotator", "ranking", "flags", "comment"]].astype(str),
         hide_index=True,

@@ -9,7 +9,7 @@ from streamlit.testing.v1 import AppTest
 
 from store import db, evals, rounds
 from tests.cli_helpers import cli
-from tests.test_app import ensure_user, sign_in
+from tests.test_app import ensure_user, shown_text, sign_in
 from tests.test_evaluation import tuned_ws  # noqa: F401  (fixture)
 
 APP = Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py"
@@ -44,10 +44,10 @@ def test_evaluation_page_shows_winrate_drift_human_rounds_and_side_by_side(
     assert int(human.iloc[0]["judged"]) == 0 and human.iloc[0]["version"] == "v1"
     pref = next(f for f in frames if "accuracy" in f.columns)
     assert int(pref.iloc[0]["pairs"]) == 4
-    # side by side: the evaluated rounds' prompts and both versions' completions, as plain text
+    # side by side: the evaluated rounds' prompts and both versions' completions, rendered safely
     with db.connect(db.workspace(tuned_ws)) as con:
         shown = [rounds.groups(con, round_id=int(r)) for r in winrate.iloc[0]["round_ids"]]
-    texts = [t.value for t in at.text]
+    texts = shown_text(at)
     for groups in shown:
         assert groups[0].prompt in texts and groups[0].texts[0] in texts
     assert at.multiselect(key="eval_metric_pick").value  # the training run's metrics
