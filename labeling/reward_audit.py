@@ -109,3 +109,12 @@ def curve_summary(curve: pd.DataFrame, run_id: int) -> str:
         f"(95% CI {low:.3f}–{high:.3f}); 0.5 is chance, a falling curve means the policy games "
         "the reward"
     )
+
+
+def audit_line(ws: storedb.Workspace, run_id: int) -> str | None:
+    """The curve's one-line summary for a run with a ranked audit round; None otherwise."""
+    try:
+        curve = agreement_curve(ws, run_id)
+    except PrefloopError:
+        return None
+    return curve_summary(curve, run_id) if curve["pairs"].sum() > 0 else None

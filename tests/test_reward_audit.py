@@ -310,3 +310,13 @@ def test_a_killed_run_resumes_from_its_checkpoint(real_ws, monkeypatch) -> None:
     assert list(metrics.index) == [1, 2]
     assert timeline["step"].tolist() == [1, 2]  # step 1 was not trained again
     assert sorted(audit["steps"].values()) == [1, 2]
+
+
+def test_loop_page_shows_a_running_runs_agreement(tmp_path, monkeypatch) -> None:
+    from tests.test_app import open_app
+
+    ws, run_id, _ = _audit_ws(tmp_path)  # the run is recorded as running in this process
+    monkeypatch.setenv("PREFLOOP_WORKSPACE", str(ws.root))
+    at = open_app("Loop")
+    lines = [t.value for t in at.text if t.value.startswith(f"run {run_id}:")]
+    assert lines and "reward–human agreement 0.667 over 6 ranked pairs" in lines[0]
