@@ -239,8 +239,12 @@ def tune_config(
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
-    from tuning.jobs import tune_job
+    from tuning.jobs import resume_job, tune_job
 
+    if args.resume is not None:
+        _check_resume_alone(args)
+        print(resume_job(_ws(args), args.resume, show_progress=not args.quiet))
+        return
     method, cfg, from_version, dataset_id = tune_config(args)
     version = tune_job(
         _ws(args),
@@ -252,6 +256,32 @@ def cmd_tune(args: argparse.Namespace) -> None:
     )
     if version:  # only the main process of a multi-process run reports
         print(version)
+
+
+def _check_resume_alone(args: argparse.Namespace) -> None:
+    """--resume takes everything from the run: refuse other settings, saying so."""
+    from app.config_options import flags, options_given
+    from tuning.config import METHOD_CONFIGS
+
+    given = {opt.flag: opt for cls in METHOD_CONFIGS.values() for opt in options_given(args, cls)}
+    named = [f"--{n}" for n in ("method", "config", "from", "dataset") if getattr(args, n)]
+    if given or named:
+        shown = ", ".join(named + ([flags(given.values())] if given else []))
+        raise PrefloopError(
+            f"--resume continues run {args.resume} with its stored settings; drop {shown} (to "
+            "train with other settings, start a new run)"
+        )
+
+
+def cmd_runs_audit(args: argparse.Namespace) -> None:
+    from labeling.reward_audit import agreement_curve, curve_summary
+
+    curve = agreement_curve(_ws(args), args.run)
+    if args.json:
+        print(json_out.dumps({"run": args.run, "steps": curve}))
+        return
+    _print_table(curve, False)
+    print(curve_summary(curve, args.run), file=sys.stderr)
 
 
 def cmd_models_config(args: argparse.Namespace) -> None:
@@ -658,6 +688,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="train on this dataset version (default: freeze the current labels)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--resume",
+        type=int,
+        metavar="RUN",
+        help="continue an online run that crashed or was killed from its last checkpoint, "
+        "with the run's stored settings (give no other settings)",
+    )
     method_groups = add_method_options(p, METHOD_CONFIGS)
     method_groups["dpo"].add_argument(
         "--hard-labels",
@@ -738,6 +775,17 @@ def build_parser() -> argparse.ArgumentParser:
             what_help += " (jobs); a running job whose process is gone is recorded as failed"
         p = add("list", cmd_list(what), what_help, grp)
         p.add_argument("--json", action="store_true")
+        if name == "runs":
+            p = add(
+                "audit",
+                cmd_runs_audit,
+                "an online run's reward–human agreement per training step: of the pairs the "
+                "annotators ordered in its audit round (--audit N), the share its reward "
+                "orders the same way (ties half), with Wilson confidence intervals",
+                grp,
+            )
+            p.add_argument("run", type=int, metavar="RUN")
+            p.add_argument("--json", action="store_true")
         if name == "models":
             p = add(
                 "config",

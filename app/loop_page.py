@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from app import actions
-from labeling import loop_history
+from labeling import loop_history, reward_audit
 from labeling.safe_text import plain
 from store import db as storedb
 from store.access import User
@@ -101,14 +101,17 @@ def jobs_progress(ws: storedb.Workspace) -> None:
         fraction = job.fraction
         if fraction is None:
             st.text(f"{head}; this kind of job reports no progress")
-            continue
-        left = (
-            f"about {_duration(job.eta_s)} left"
-            if job.eta_s is not None
-            else "time left not known yet"
-        )
-        done = f"{job.done:g} of {job.total:g} {job.unit} ({fraction:.0%})"
-        st.progress(fraction, text=plain(f"{head}; {done}, {left}"))
+        else:
+            left = (
+                f"about {_duration(job.eta_s)} left"
+                if job.eta_s is not None
+                else "time left not known yet"
+            )
+            done = f"{job.done:g} of {job.total:g} {job.unit} ({fraction:.0%})"
+            st.progress(fraction, text=plain(f"{head}; {done}, {left}"))
+        audit = reward_audit.audit_line(ws, job.run_id) if job.kind == "tune" else None
+        if audit:  # an online run whose samples people ranked: is the reward still right?
+            st.text(audit)
 
 
 def loop_page(ws: storedb.Workspace, user: User) -> None:

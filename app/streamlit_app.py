@@ -14,6 +14,7 @@ from app import actions, launcher
 from app.annotator_page import annotator_page
 from app.auth_pages import admin_page, keep_signed_in, login_page, sign_out, signed_in_user
 from app.datasets_panel import datasets_panel
+from app.reward_audit_view import audit_panel, is_online_run
 from labeling.safe_text import plain
 from store import datasets, models, rounds, runs
 from store import db as storedb
@@ -376,6 +377,8 @@ def jobs_view(ws: storedb.Workspace) -> None:
         if _text(row["error"]):
             st.text(f"Error: {row['error']}")
         _metric_charts(metrics)
+        if is_online_run(row.to_dict()):
+            audit_panel(ws, int(run_id))
         with st.expander("Run config"):
             st.json(row["config"])
         try:

@@ -354,6 +354,92 @@ def candidate_rewards(con: duckdb.DuckDBPyConnection, round_id: int) -> dict[int
     return {int(c): float(r) for c, r in (settings.get("rewards") or {}).items()}
 
 
+def run_audit(con: duckdb.DuckDBPyConnection, run_id: int) -> dict | None:
+    """An online run's audit round: its id, each group's step and each candidate's reward;
+    None when the run has none."""
+    row = con.execute(
+        "SELECT id, settings FROM rounds WHERE source = ? ORDER BY id LIMIT 1",
+        [audit_source(run_id)],
+    ).fetchone()
+    if row is None:
+        return None
+    settings = json.loads(row[1])
+    return {
+        "round_id": int(row[0]),
+        "steps": {int(g): int(s) for g, s in (settings.get("steps") or {}).items()},
+        "rewards": {int(c): float(r) for c, r in (settings.get("rewards") or {}).items()},
+    }
+
+
+def _drop_groups(con: duckdb.DuckDBPyConnection, group_ids: list[int]) -> None:
+    if not group_ids:
+        return
+    marks = ", ".join("?" for _ in group_ids)
+    for table in ("candidates", "leases", "suggestions"):
+        con.execute(f"DELETE FROM {table} WHERE group_id IN ({marks})", group_ids)
+    con.execute(f"DELETE FROM groups WHERE id IN ({marks})", group_ids)
+
+
+def drop_run_steps_after(con: duckdb.DuckDBPyConnection, run_id: int, step: int) -> int:
+    """Remove what an online run stored for the steps after `step` (a resumed run samples them
+    again): their step rounds and their unlabelled audit groups (labelled ones stay: people's
+    work is kept). Returns how many groups were removed."""
+    run = rounds_of_run(con, run_id)
+    later = run[run["source"].str.startswith(ROLLOUT_SOURCE) & (run["step"] > int(step))]
+    removed = 0
+    for round_id in (int(r) for r in later["id"]):
+        if con.execute(
+            "SELECT count(*) FROM labels l JOIN groups g ON g.id = l.group_id WHERE g.round_id = ?",
+            [round_id],
+        ).fetchone()[0]:
+            continue
+        ids = [int(r[0]) for r in con.execute(
+            "SELECT id FROM groups WHERE round_id = ?", [round_id]
+        ).fetchall()]  # fmt: skip
+        _drop_groups(con, ids)
+        con.execute("DELETE FROM rounds WHERE id = ?", [round_id])
+        removed += len(ids)
+    audit = run_audit(con, run_id)
+    if audit is None:
+        return removed
+    later_groups = [g for g, s in audit["steps"].items() if s > int(step)]
+    if not later_groups:
+        return removed
+    marks = ", ".join("?" for _ in later_groups)
+    kept = {  # groups a person has worked on
+        int(r[0])
+        for r in con.execute(
+            f"SELECT group_id FROM labels WHERE group_id IN ({marks}) "
+            f"UNION SELECT group_id FROM gold WHERE group_id IN ({marks}) "
+            f"UNION SELECT group_id FROM adjudications WHERE group_id IN ({marks})",
+            later_groups * 3,
+        ).fetchall()
+    }
+    drop = [g for g in later_groups if g not in kept]
+    if not drop:
+        return removed
+    dropped_candidates = {
+        int(r[0])
+        for r in con.execute(
+            f"SELECT id FROM candidates WHERE group_id IN ({', '.join('?' for _ in drop)})",
+            drop,
+        ).fetchall()
+    }
+    _drop_groups(con, drop)
+    settings = json.loads(
+        con.execute("SELECT settings FROM rounds WHERE id = ?", [audit["round_id"]]).fetchone()[0]
+    )
+    settings["steps"] = {g: s for g, s in settings["steps"].items() if int(g) not in drop}
+    settings["rewards"] = {
+        c: r for c, r in settings["rewards"].items() if int(c) not in dropped_candidates
+    }
+    con.execute(
+        "UPDATE rounds SET settings = ? WHERE id = ?",
+        [json.dumps(settings, sort_keys=True), audit["round_id"]],
+    )
+    return removed + len(drop)
+
+
 def rounds_of_run(con: duckdb.DuckDBPyConnection, run_id: int) -> pd.DataFrame:
     """An online run's rounds (its step rounds and its audit round): id, source, step."""
     df = con.execute(

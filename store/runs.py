@@ -12,6 +12,8 @@ import pandas as pd
 from store.errors import PrefloopError
 
 STALE_AFTER_S = 120
+# a running job with no heartbeat for STALE_AFTER_S, or whose process is gone, as list_runs shows it
+STOPPED_SILENTLY = "the job stopped without reporting (killed or crashed)"
 
 
 def start_run(
@@ -107,7 +109,7 @@ def list_runs(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
             not process_alive(row["pid"], row["host"]) or row["idle_s"] > STALE_AFTER_S
         ):
             df.at[i, "status"] = "failed"
-            df.at[i, "error"] = "the job stopped without reporting (killed or crashed)"
+            df.at[i, "error"] = STOPPED_SILENTLY
     df["config"] = df["config"].map(json.loads)
     return df.drop(columns=["idle_s"])
 
@@ -152,3 +154,14 @@ def elapsed_s(con: duckdb.DuckDBPyConnection, run_id: int) -> float:
     if row is None:
         raise PrefloopError(f"unknown run {run_id}")
     return float(row[0])
+
+
+def resume_run(con: duckdb.DuckDBPyConnection, run_id: int, after_step: int) -> None:
+    """Mark a failed job running again in this process, its metrics past `after_step` (the
+    step it resumes after) dropped, so its steps continue from there."""
+    con.execute(
+        "UPDATE runs SET status = 'running', finished = NULL, error = NULL, result = NULL, "
+        "pid = ?, host = ?, heartbeat = current_timestamp WHERE id = ?",
+        [os.getpid(), socket.gethostname(), int(run_id)],
+    )
+    con.execute("DELETE FROM metrics WHERE run_id = ? AND step > ?", [int(run_id), int(after_step)])

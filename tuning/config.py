@@ -215,6 +215,11 @@ class OnlineSettings(TrainSettings):
         help="online: put this many of each step's prompts with their samples into an "
         "annotator round of the run, to check the reward against people",
     )
+    checkpoint_every: int = setting(
+        1,
+        help="online: save a checkpoint every N rollout steps into the run folder, for "
+        "`prefloop tune --resume RUN` after a crash or kill (0: never)",
+    )
 
 
 @dataclass

@@ -61,9 +61,11 @@ def _train(
     show_progress: bool = True,
     guard_prompts: list[list[int]] | None = None,
     run_id: int | None = None,
+    resume: dict | None = None,
 ):
     """Run the method's training loop on a dataset version (online methods: on fresh samples
-    of the prompts); returns its TrainResult."""
+    of the prompts, checkpointed into the run folder; resumed from `resume`, a checkpoint);
+    returns its TrainResult."""
     init = models.adapter_dir(ws, parent) if parent else None
     common = dict(
         init_adapter=init,
@@ -73,8 +75,14 @@ def _train(
     )
     if is_online(method, cfg):
         from tuning.online import train_online
+        from tuning.train_loop import Checkpointing
 
-        return train_online(ws, base, method, cfg, out_dir, run_id=run_id, **common)
+        checkpoint = None
+        if run_id is not None:
+            checkpoint = Checkpointing(checkpoint_path(ws, run_id), cfg.checkpoint_every, resume)
+        return train_online(
+            ws, base, method, cfg, out_dir, run_id=run_id, checkpoint=checkpoint, **common
+        )
     rows = datasets.read_groups(ws, info)
     if method == "grpo":
         from tuning.grpo import train_grpo
@@ -326,10 +334,50 @@ def tune_job(
         )
         return ""
     run_id, run_dir, staging, on_step = _start_tune_run(ws, config)
+    (run_dir / BETA_FILE).write_text(json.dumps(beta))
+    return _policy_run(
+        ws, run_id, config, cfg, base=base, method=method, info=info, parent=parent,
+        beta=beta, show_progress=show_progress, guard_prompts=guard_prompts,
+        guard_split=guard_split,
+    )  # fmt: skip
+
+
+BETA_FILE = "beta.json"  # in the run folder: the β a run used and what it was adapted from
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def checkpoint_path(ws: storedb.Workspace, run_id: int):
+    """Where an online run keeps its last checkpoint."""
+    return ws.artifacts / "runs" / str(run_id) / CHECKPOINT_FILE
+
+
+def _policy_run(
+    ws: storedb.Workspace,
+    run_id: int,
+    config: dict,
+    cfg,
+    *,
+    base: str,
+    method: str,
+    info: dict | None,
+    parent: dict | None,
+    beta: dict,
+    show_progress: bool,
+    guard_prompts: list[list[int]],
+    guard_split: str,
+    resume: dict | None = None,
+) -> str:
+    """Train a recorded run (from its start, or from a checkpoint), register its version, run
+    the promotion gate and finish the run; a failure fails it and leaves no version."""
+    run_dir = ws.artifacts / "runs" / str(run_id)
+    staging = ws.artifacts / "adapters" / f".staging-run{run_id}"
+    on_step = _heartbeat(ws, run_id)
+    from_version = config.get("from")
+    dataset_id = config.get("dataset")
     try:
         result = _train(
             ws, base, method, cfg, info, parent, staging, on_step, show_progress, guard_prompts,
-            run_id,
+            run_id, resume,
         )  # fmt: skip
         final = result.metrics
         training = {
@@ -371,12 +419,83 @@ def tune_job(
         with storedb.connect(ws) as con:
             models.set_gate(con, version, gate, gate["passed"])
             runs.finish_run(con, run_id, version)
+        checkpoint_path(ws, run_id).unlink(missing_ok=True)  # a finished run does not resume
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
         _fail(ws, run_id, exc)
         raise
     print(gate_summary(version, gate, result), file=sys.stderr)
     return version
+
+
+def resume_job(ws: storedb.Workspace, run_id: int, show_progress: bool = True) -> str:
+    """Continue a crashed or killed online run from its last checkpoint, with the run's stored
+    config, under the same run id; returns the new version's id."""
+    import socket
+
+    from store import rounds
+    from tuning.train_loop import load_checkpoint
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise PrefloopError("--resume runs in one process; run it without `accelerate launch`")
+    with storedb.connect(ws) as con:
+        runs.record_dead(con)
+        row = runs.get_run(con, run_id)
+        base = models.base_model(con)
+    config = row["config"]
+    method = config.get("method")
+    if (
+        row["kind"] != "tune"
+        or method not in ONLINE_METHODS
+        or not (method == "rloo" or config.get("online"))
+    ):
+        what = f"a {row['kind']} job" if row["kind"] != "tune" else f"a {method} run on labels"
+        raise PrefloopError(
+            f"run {run_id} is {what}, not an online run: only online runs (--method grpo "
+            "--online, --method rloo) checkpoint and resume; start it again instead"
+        )
+    alive = row["host"] == socket.gethostname() and runs.process_alive(row["pid"], row["host"])
+    if row["status"] == "running" or (row["error"] == runs.STOPPED_SILENTLY and alive):
+        raise PrefloopError(
+            f"run {run_id} is still running (process {row['pid']} on {row['host']}); wait for "
+            "it, or stop that process first, then resume it"
+        )
+    if row["status"] == "completed":
+        raise PrefloopError(
+            f"run {run_id} finished (its result: {row['result']}); there is nothing to resume"
+        )
+    path = checkpoint_path(ws, run_id)
+    if not path.is_file():
+        raise PrefloopError(
+            f"run {run_id} has no checkpoint (it stopped before its first, or ran with "
+            "--checkpoint-every 0), so it cannot resume; start it again: `prefloop tune "
+            f"--config {ws.artifacts / 'runs' / str(run_id) / 'config.json'}`"
+        )
+    cfg = METHOD_CONFIGS[method].from_dict(config)
+    state = load_checkpoint(path)
+    done = int(state["batches"])  # the last rollout step the checkpoint holds
+    from_version = config.get("from")
+    with storedb.connect(ws) as con:
+        parent = models.get_version(con, from_version) if from_version else None
+        runs.resume_run(con, run_id, done)
+        rounds.drop_run_steps_after(con, run_id, done)
+    run_dir = ws.artifacts / "runs" / str(run_id)
+    beta_file = run_dir / BETA_FILE
+    beta = (
+        json.loads(beta_file.read_text())
+        if beta_file.is_file()
+        else {"beta": cfg.beta, "beta_requested": cfg.beta}
+    )
+    shutil.rmtree(ws.artifacts / "adapters" / f".staging-run{run_id}", ignore_errors=True)
+    print(f"resuming run {run_id} after its step {done}", file=sys.stderr)
+    guard_prompts, guard_split = (
+        _guard_prompts(ws, base) if cfg.guard_prompts > 0 or cfg.gate_prompts > 0 else ([], "")
+    )
+    return _policy_run(
+        ws, run_id, config, cfg, base=base, method=method, info=None, parent=parent,
+        beta=beta, show_progress=show_progress, guard_prompts=guard_prompts,
+        guard_split=guard_split, resume=state,
+    )  # fmt: skip
 
 
 def _start_tune_run(ws: storedb.Workspace, config: dict):
@@ -399,11 +518,17 @@ def _start_tune_run(ws: storedb.Workspace, config: dict):
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
     staging = ws.artifacts / "adapters" / f".staging-run{run_id}"
 
+    return run_id, run_dir, staging, _heartbeat(ws, run_id)
+
+
+def _heartbeat(ws: storedb.Workspace, run_id: int):
+    """The callback that records a run's step metrics (and that it is alive)."""
+
     def on_step(step: int, metrics: dict[str, float]) -> None:
         with storedb.connect(ws) as con:
             runs.heartbeat(con, run_id, metrics, step)
 
-    return run_id, run_dir, staging, on_step
+    return on_step
 
 
 def _heldout_groups(ws: storedb.Workspace) -> list:

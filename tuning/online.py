@@ -28,6 +28,7 @@ from tuning.losses import grpo_advantages, grpo_loss
 from tuning.rewards import Reward, load_reward, parse_reward_specs
 from tuning.rl_math import adaptive_beta, masked_mean, rloo_advantages
 from tuning.train_loop import (
+    Checkpointing,
     Method,
     StepCallback,
     TrainResult,
@@ -285,6 +286,8 @@ def check_online(method: str, cfg: PolicySettings) -> None:
         raise PrefloopError("--max-new-tokens must be at least 1")
     if cfg.audit < 0:
         raise PrefloopError("--audit must be 0 or more")
+    if cfg.checkpoint_every < 0:
+        raise PrefloopError("--checkpoint-every must be 0 (never) or more")
     if cfg.target_kl is not None and cfg.target_kl <= 0:
         raise PrefloopError("--target-kl must be more than 0 (or none for a fixed β)")
 
@@ -315,9 +318,11 @@ def train_online(
     on_step: StepCallback | None = None,
     show_progress: bool = True,
     guard_prompts: list[list[int]] | None = None,
+    checkpoint: Checkpointing | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter online with GRPO or RLOO against the run's reward; save it to
-    out_dir. Each step's samples and rewards are stored as a round of run_id."""
+    out_dir. Each step's samples and rewards are stored as a round of run_id; the run
+    checkpoints to (and resumes from) `checkpoint`."""
     from tuning.modeling import load_tokenizer
 
     check_online(method, cfg)
@@ -383,6 +388,7 @@ def train_online(
             postfix=("objective/scores", "objective/kl"),
             rollout=rollout,
             batch_size=cfg.prompts_per_step,
+            state=state,
         ),
         cfg,
         out_dir,
@@ -390,6 +396,7 @@ def train_online(
         guard=guard,
         on_step=on_step,
         show_progress=show_progress,
+        checkpoint=checkpoint,
     )
     keys = ("objective/scores", "objective/kl", "objective/rlhf_reward", "kl_per_token", "beta")
     last = result.last_step

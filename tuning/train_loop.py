@@ -11,6 +11,7 @@ saving the adapter. Read it top to bottom.
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -56,6 +57,23 @@ class Method:
     # then logged once per rollout step (the minibatches' mean), `after_step` runs once per step
     rollout: RolloutFn | None = None
     batch_size: int | None = None
+    # values the method changes as it trains (e.g. an adapted β): saved in checkpoints
+    state: dict = field(default_factory=dict)
+
+
+@dataclass
+class Checkpointing:
+    """Where an online run saves its state every `every` rollout steps (0: never), and the
+    state it resumes from (a loaded checkpoint) or None."""
+
+    path: Path
+    every: int = 1
+    resume: dict | None = None
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint `train` saved."""
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 @dataclass
@@ -93,8 +111,10 @@ def train(
     guard: Guard | None = None,
     on_step: StepCallback | None = None,
     show_progress: bool = True,
+    checkpoint: Checkpointing | None = None,
 ) -> TrainResult:
-    """Train `model`'s LoRA adapter with `method`; save the kept adapter to out_dir."""
+    """Train `model`'s LoRA adapter with `method`; save the kept adapter to out_dir. An online
+    method checkpoints every `checkpoint.every` steps and resumes from `checkpoint.resume`."""
     main = accelerator.is_main_process
 
     def log(step: int, metrics: dict[str, float]) -> None:
@@ -109,6 +129,7 @@ def train(
     minibatches = math.ceil(batch_size / cfg.groups_per_step) if online else 1
     total = steps_per_epoch * cfg.epochs * method.passes_per_batch * minibatches
     params, optimizer, scheduler = make_optimizer(model, cfg, total)
+    raw_optimizer, raw_scheduler = optimizer, scheduler  # what a checkpoint saves and restores
 
     # -- accelerate: device placement and, under `accelerate launch`, DDP ---------------------
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -125,14 +146,54 @@ def train(
     stopped_by = None
 
     step, batches, epochs_run, logged = 0, 0, 0, {}
+    order_rng = random.Random(cfg.seed)
+    first_epoch, first_s, order = 0, 0, []
+
+    def save_checkpoint(epoch: int, s: int) -> None:
+        """Everything the run needs to go on after step s of epoch: written whole or not at all."""
+        state = {
+            "epoch": epoch, "s": s, "step": step, "batches": batches, "order": order,
+            "order_rng": order_rng.getstate(), "python_rng": random.getstate(),
+            "torch_rng": torch.get_rng_state(), "adapter": _lora_state(unwrapped),
+            "optimizer": raw_optimizer.state_dict(), "scheduler": raw_scheduler.state_dict(),
+            "method_state": dict(method.state), "logged": logged, "kept_epoch": kept_epoch,
+            "kept_state": kept_state, "best_score": best_score, "since_best": since_best,
+            "reports": reports,
+        }  # fmt: skip
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        tmp = checkpoint.path.with_name(checkpoint.path.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, checkpoint.path)
+
+    resume = checkpoint.resume if checkpoint is not None else None
+    if resume is not None:
+        # -- resume: the adapter, optimizer, schedule, counters and RNGs of the checkpoint ---
+        unwrapped.load_state_dict(resume["adapter"], strict=False)
+        raw_optimizer.load_state_dict(resume["optimizer"])
+        raw_scheduler.load_state_dict(resume["scheduler"])
+        method.state.update(resume["method_state"])
+        step, batches, logged = resume["step"], resume["batches"], resume["logged"]
+        first_epoch, first_s, order = resume["epoch"], resume["s"] + 1, resume["order"]
+        order_rng.setstate(_rng_tuple(resume["order_rng"]))
+        random.setstate(_rng_tuple(resume["python_rng"]))
+        torch.set_rng_state(resume["torch_rng"])
+        if "cuda_rng" in resume and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(resume["cuda_rng"])
+        kept_epoch, kept_state = resume["kept_epoch"], resume["kept_state"]
+        best_score, since_best = resume["best_score"], resume["since_best"]
+        reports = resume["reports"]
+        epochs_run = first_epoch
+
     bar_total = steps_per_epoch * cfg.epochs if online else total
     bar = tqdm(total=bar_total, desc=method.name, unit="step", disable=not (show_progress and main))
-    order_rng = random.Random(cfg.seed)
-    for epoch in range(cfg.epochs):
+    bar.update(batches if online else step)
+    for epoch in range(first_epoch, cfg.epochs):
         # -- one epoch: shuffled batches of groups, each process trains its share ------------
-        order = list(range(len(groups)))
-        order_rng.shuffle(order)
-        for s in range(steps_per_epoch):
+        if epoch != first_epoch or resume is None:
+            order = list(range(len(groups)))
+            order_rng.shuffle(order)
+        for s in range(first_s if epoch == first_epoch else 0, steps_per_epoch):
             ids = order[s * batch_size : (s + 1) * batch_size]
             chunk = [groups[i] for i in ids[rank::world]] or [groups[ids[0]]]
             batches += 1
@@ -188,6 +249,10 @@ def train(
                 bar.update(1)
                 bar.set_postfix({k: f"{logged[k]:.4f}" for k in method.postfix if k in logged})
                 log(batches, logged)
+                # -- checkpoint: the state to resume from after a crash or kill --------------
+                every = checkpoint.every if checkpoint is not None else 0
+                if main and every > 0 and batches % every == 0:
+                    save_checkpoint(epoch, s)
         epochs_run = epoch + 1
         if not checking:
             kept_epoch = epochs_run
@@ -236,6 +301,12 @@ def train(
     if main:
         unwrapped.save_pretrained(str(out_dir))
     return TrainResult(final, epochs_run, kept_epoch, stopped_by, reports, gate, logged)
+
+
+def _rng_tuple(state) -> tuple:
+    """Python's random state as `random.setstate` takes it (a checkpoint stores lists)."""
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
 
 
 def make_optimizer(model, cfg: TrainSettings, total_steps: int):
