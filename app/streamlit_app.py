@@ -25,6 +25,7 @@ from tuning.config import (
     DPOConfig,
     GRPOConfig,
     LoraSettings,
+    PPOConfig,
     RLOOConfig,
     RMConfig,
     SamplingConfig,
@@ -49,6 +50,7 @@ METHODS = {  # label -> (method, DPO or reward-model loss; None = DPO listwise P
     "GRPO": ("grpo", None),
     "GRPO online (fresh samples, a reward)": ("grpo", "online"),
     "RLOO online (fresh samples, a reward)": ("rloo", "online"),
+    "PPO online (reward, adaptive KL)": ("ppo", "online"),
     "Reward model (pairwise Bradley–Terry)": ("rm", "pairwise"),
     "Reward model (listwise Plackett–Luce)": ("rm", "listwise"),
 }
@@ -166,7 +168,8 @@ def _tuning_form(
     method = st.selectbox("Method", list(METHODS), key="tune_method")
     kind = METHODS[method][0]
     online = METHODS[method][1] == "online"
-    default = {"grpo": GRPOConfig, "rloo": RLOOConfig, "rm": RMConfig}.get(kind, DPOConfig)()
+    classes = {"grpo": GRPOConfig, "rloo": RLOOConfig, "ppo": PPOConfig, "rm": RMConfig}
+    default = classes.get(kind, DPOConfig)()
     if kind == "rm":  # a reward model continues a reward model, never a policy
         version_ids = reward_ids or []
     with st.form(f"tune_form_{kind}{'_online' if online else ''}"):
@@ -251,8 +254,8 @@ def _tuning_form(
                 actions.reward_choices(ws, st.session_state["user"]),
                 key="tune_reward",
             )
-            k = c1.number_input("Samples per prompt (K)", min_value=2, value=default.k,
-                                key="tune_online_k")  # fmt: skip
+            k = c1.number_input("Samples per prompt (K)", min_value=1 if kind == "ppo" else 2,
+                                value=default.k, key="tune_online_k")  # fmt: skip
             audit = c2.number_input(
                 "Audit: prompts per step sent to the annotators", min_value=0,
                 value=default.audit, key="tune_audit",
@@ -272,7 +275,7 @@ def _tuning_form(
                 cfg = RMConfig(
                     loss_type=loss, margin=float(beta), center_rewards=float(center), **common
                 )
-            elif name in ("grpo", "rloo"):
+            elif name in ("grpo", "rloo", "ppo"):
                 extra = {"gains": gains.strip() or "linear"} if name == "grpo" else {}
                 cfg = default.__class__(
                     beta=float(beta), target_kl=float(target_kl) or None, **extra, **common
