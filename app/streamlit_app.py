@@ -54,6 +54,12 @@ METHODS = {  # label -> (method, DPO or reward-model loss; None = DPO listwise P
     "Reward model (pairwise Bradley–Terry)": ("rm", "pairwise"),
     "Reward model (listwise Plackett–Luce)": ("rm", "listwise"),
 }
+# the tuning form's fields, reset to the chosen method's defaults when the method changes
+TUNE_FIELDS = (
+    "tune_beta", "tune_margin", "tune_epochs", "tune_lr", "tune_groups_per_step", "tune_lora_r",
+    "tune_lora_alpha", "tune_kl_budget", "tune_center", "tune_sft", "tune_gains",
+    "tune_target_kl", "tune_reward", "tune_online_k", "tune_audit",
+)  # fmt: skip
 REFRESH_S = 3.0
 NO_PARENT = "(base model)"
 NEW_DATASET = "(freeze the current labels)"
@@ -166,6 +172,11 @@ def _tuning_form(
     st.subheader("Start a tuning run")
     # outside the form, so the fields below show the chosen method's own defaults
     method = st.selectbox("Method", list(METHODS), key="tune_method")
+    if st.session_state.get("tune_form_for") != method:
+        # the fields' keys are shared by every method: show the newly chosen one's defaults
+        for key in TUNE_FIELDS:
+            st.session_state.pop(key, None)
+        st.session_state["tune_form_for"] = method
     kind = METHODS[method][0]
     online = METHODS[method][1] == "online"
     classes = {"grpo": GRPOConfig, "rloo": RLOOConfig, "ppo": PPOConfig, "rm": RMConfig}

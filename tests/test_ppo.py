@@ -12,6 +12,7 @@ import torch
 from store import db, models, rounds, runs
 from tests.cli_helpers import ROOT, cli, cli_error
 from tests.judges.length import shorter
+from tests.test_app import model_ws  # noqa: F401  (a fixture)
 from tuning.config import PPOConfig
 from tuning.generation import Sample
 from tuning.online import RolloutPrompt, fill_logprobs, sample_groups
@@ -292,3 +293,34 @@ def test_ppo_run_makes_a_policy_version_and_records_every_step(
     lora_count = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     head_count = sum(p.numel() for p in model.value_head.parameters())
     assert sum(p.numel() for p in model.parameters()) == base_count + lora_count + head_count
+
+
+# -- the Researcher page -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("model_ws")
+def test_researcher_form_starts_a_ppo_run_with_a_registered_reward():
+    from labeling.judges import register_judge
+    from tests.fixtures_app import add_prompts
+    from tests.test_app import click, element_values, finished_run, open_app
+
+    app_ws = db.workspace()  # the tiny-model workspace the app opens
+    add_prompts(app_ws, ["Name a colour.", "Say hi."])
+    register_judge(app_ws, "brevity", SHORTER, "rita")
+    at = open_app("Researcher")
+    at.selectbox(key="tune_method").set_value("PPO online (reward, adaptive KL)").run()
+    assert at.number_input(key="tune_online_k").value == PPOConfig().k == 1
+    assert at.number_input(key="tune_beta").value == PPOConfig().beta
+    at.multiselect(key="tune_reward").set_value(["brevity"])
+    at.number_input(key="tune_epochs").set_value(1)
+    at.number_input(key="tune_target_kl").set_value(0.1)
+    click(at, "start_tuning")
+    assert any("Started a PPO online" in v for v in element_values(at, "success"))
+    row = finished_run(app_ws, "tune")
+    with db.connect(app_ws) as con:
+        version = models.get_version(con, row["result"])
+        metrics = runs.run_metrics(con, int(row["id"]))
+    assert version["method"] == "ppo" and version["config"]["reward"] == ["brevity"]
+    assert version["config"]["target_kl"] == 0.1 and version["config"]["k"] == 1
+    assert {"loss/value_avg", "val/clipfrac_avg", "objective/scores"} <= set(metrics.columns)
