@@ -662,7 +662,8 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_tune,
         "train a LoRA adapter on the labelled groups (DPO or GRPO), a reward model (rm: an "
         "adapter plus a scalar head, a judge as rm:VERSION), or a policy online on fresh samples "
-        "of the prompts scored by --reward (--method grpo --online, --method rloo); every "
+        "of the prompts scored by --reward (--method grpo --online, --method rloo, --method "
+        "ppo: a critic adapter, GAE and a per-token KL penalty, adaptive with --target-kl); every "
         "setting's default comes from the method's config dataclass (tuning/config.py)",
     )
     p.add_argument(

@@ -26,6 +26,7 @@ from tuning.config import (
     DPOConfig,
     GRPOConfig,
     LoraSettings,
+    PPOConfig,
     RLOOConfig,
     RMConfig,
     SamplingConfig,
@@ -50,9 +51,16 @@ METHODS = {  # label -> (method, DPO or reward-model loss; None = DPO listwise P
     "GRPO": ("grpo", None),
     "GRPO online (fresh samples, a reward)": ("grpo", "online"),
     "RLOO online (fresh samples, a reward)": ("rloo", "online"),
+    "PPO online (reward, adaptive KL)": ("ppo", "online"),
     "Reward model (pairwise Bradley–Terry)": ("rm", "pairwise"),
     "Reward model (listwise Plackett–Luce)": ("rm", "listwise"),
 }
+# the tuning form's fields, reset to the chosen method's defaults when the method changes
+TUNE_FIELDS = (
+    "tune_beta", "tune_margin", "tune_epochs", "tune_lr", "tune_groups_per_step", "tune_lora_r",
+    "tune_lora_alpha", "tune_kl_budget", "tune_center", "tune_sft", "tune_gains",
+    "tune_target_kl", "tune_reward", "tune_online_k", "tune_audit",
+)  # fmt: skip
 REFRESH_S = 3.0
 NO_PARENT = "(base model)"
 NEW_DATASET = "(freeze the current labels)"
@@ -165,9 +173,15 @@ def _tuning_form(
     st.subheader("Start a tuning run")
     # outside the form, so the fields below show the chosen method's own defaults
     method = st.selectbox("Method", list(METHODS), key="tune_method")
+    if st.session_state.get("tune_form_for") != method:
+        # the fields' keys are shared by every method: show the newly chosen one's defaults
+        for key in TUNE_FIELDS:
+            st.session_state.pop(key, None)
+        st.session_state["tune_form_for"] = method
     kind = METHODS[method][0]
     online = METHODS[method][1] == "online"
-    default = {"grpo": GRPOConfig, "rloo": RLOOConfig, "rm": RMConfig}.get(kind, DPOConfig)()
+    classes = {"grpo": GRPOConfig, "rloo": RLOOConfig, "ppo": PPOConfig, "rm": RMConfig}
+    default = classes.get(kind, DPOConfig)()
     if kind == "rm":  # a reward model continues a reward model, never a policy
         version_ids = reward_ids or []
     with st.form(f"tune_form_{kind}{'_online' if online else ''}"):
@@ -252,8 +266,8 @@ def _tuning_form(
                 actions.reward_choices(ws, st.session_state["user"]),
                 key="tune_reward",
             )
-            k = c1.number_input("Samples per prompt (K)", min_value=2, value=default.k,
-                                key="tune_online_k")  # fmt: skip
+            k = c1.number_input("Samples per prompt (K)", min_value=1 if kind == "ppo" else 2,
+                                value=default.k, key="tune_online_k")  # fmt: skip
             audit = c2.number_input(
                 "Audit: prompts per step sent to the annotators", min_value=0,
                 value=default.audit, key="tune_audit",
@@ -273,7 +287,7 @@ def _tuning_form(
                 cfg = RMConfig(
                     loss_type=loss, margin=float(beta), center_rewards=float(center), **common
                 )
-            elif name in ("grpo", "rloo"):
+            elif name in ("grpo", "rloo", "ppo"):
                 extra = {"gains": gains.strip() or "linear"} if name == "grpo" else {}
                 cfg = default.__class__(
                     beta=float(beta), target_kl=float(target_kl) or None, **extra, **common

@@ -21,6 +21,7 @@ from tuning.config import (
     DPOConfig,
     GRPOConfig,
     LoraSettings,
+    PPOConfig,
     RLOOConfig,
     RMConfig,
     SamplingConfig,
@@ -83,6 +84,7 @@ def test_no_flags_build_the_dataclass_defaults():
     assert tune_config(parse("tune", "--method", "dpo")) == ("dpo", DPOConfig(), None, None)
     assert tune_config(parse("tune", "--method", "grpo")) == ("grpo", GRPOConfig(), None, None)
     assert tune_config(parse("tune", "--method", "rm")) == ("rm", RMConfig(), None, None)
+    assert tune_config(parse("tune", "--method", "ppo")) == ("ppo", PPOConfig(), None, None)
     assert config_from_args(SamplingConfig, parse("sample")) == SamplingConfig()
 
 
@@ -93,6 +95,7 @@ def test_no_flags_build_the_dataclass_defaults():
         ("tune", "grpo", GRPOConfig),
         ("tune", "rm", RMConfig),
         ("tune", "rloo", RLOOConfig),
+        ("tune", "ppo", PPOConfig),
         ("sample", None, SamplingConfig),
     ],
 )
@@ -127,9 +130,13 @@ def test_old_option_names_still_exist():
 def test_shared_options_appear_once_and_name_both_defaults():
     actions = subcommand_actions("tune")
     beta = actions["--beta"]
-    assert default_in_help(beta) == "dpo 0.1, grpo 0.0, rloo 0.0"
-    assert default_in_help(actions["--epochs"]) == "dpo 3, grpo 6, rm 3, rloo 6"
-    assert default_in_help(actions["--lr"]) == "dpo 0.0005, grpo 0.003, rm 0.0005, rloo 0.003"
+    assert default_in_help(beta) == "dpo 0.1, grpo 0.0, rloo 0.0, ppo 0.05"
+    assert default_in_help(actions["--epochs"]) == "dpo 3, grpo 6, rm 3, rloo 6, ppo 3"
+    assert default_in_help(actions["--lr"]) == (
+        "dpo 0.0005, grpo 0.003, rm 0.0005, rloo 0.003, ppo 0.0005"
+    )
+    assert default_in_help(actions["--ppo-epochs"]) == "grpo 1, rloo 1, ppo 4"
+    assert default_in_help(actions["--k"]) == "grpo 4, rloo 4, ppo 1"
     assert default_in_help(actions["--max-length"]) == "512"
     assert default_in_help(actions["--loss"]) == "dpo sigmoid, rm pairwise"
     assert tune_config(parse("tune", "--method", "rm", "--loss", "listwise"))[1] == RMConfig(
@@ -237,7 +244,7 @@ def test_config_file_as_a_version_stores_it(tmp_path):
         ('{"target_modules": "q_proj"}', "unknown setting 'target_modules'"),
         ('{"lora": {"target_modules": "q_proj"}}', "'lora.target_modules' must be a list"),
         ('{"loss_type": "kto"}', "'loss_type' must be one of sigmoid, ipo, hinge, robust"),
-        ('{"method": "ppo"}', "unknown tuning method 'ppo'"),
+        ('{"method": "kto"}', "unknown tuning method 'kto'"),
         ('{"method": 1}', "'method' must be a string or null"),
         ('{"method": "grpo", "loss_type": "ipo"}', "must be one of grpo, bnpo, dr_grpo"),
         ('{"method": "grpo", "soft_labels": "bt"}', "unknown setting 'soft_labels'"),
@@ -257,8 +264,9 @@ def test_method_config_checks_keys_and_types():
         beta=0.0, lora=LoraSettings(r=2)
     )
     assert method_config("dpo", {}) == DPOConfig()
-    with pytest.raises(PrefloopError, match="unknown tuning method 'ppo'"):
-        method_config("ppo", {})
+    with pytest.raises(PrefloopError, match="unknown tuning method 'kto'"):
+        method_config("kto", {})
+    assert method_config("ppo", {"gamma": 1, "lam": 0.9}) == PPOConfig(gamma=1.0, lam=0.9)
     with pytest.raises(PrefloopError, match="'gains'"):
         method_config("dpo", {"gains": "dcg"})
     with pytest.raises(PrefloopError, match="'max_length' must be an integer"):

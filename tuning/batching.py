@@ -375,6 +375,18 @@ def token_logps(
     return logps, torch.cat(entropies) if with_entropy else None
 
 
+def token_hidden(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """(tokens, hidden) final hidden state at the position predicting each completion token, in
+    the flat order of batch.labels: what a per-token value head reads."""
+
+    def predicting(first: int, end: int, length: int) -> torch.Tensor:
+        tokens = slice(batch.row_starts[first], batch.row_starts[end])
+        return (batch.source_row[tokens] - first) * length + batch.source_col[tokens]
+
+    parts = [hidden for _, (_, hidden) in _packed_forward(model, batch, predicting, True)]
+    return torch.cat(parts)
+
+
 def last_token_hidden(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """(candidates, hidden) final hidden state at each candidate's last completion token: what
     a scalar head reads, each candidate seeing only its prompt and itself. A candidate with no

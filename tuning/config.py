@@ -25,7 +25,7 @@ SPLITS = ("train", "heldout")
 RM_LOSSES = ("pairwise", "listwise")
 ONLINE_HELP = (
     "train on fresh samples from the policy scored by --reward instead of on the labelled "
-    "groups (online GRPO; rloo is always online)"
+    "groups (online GRPO; rloo and ppo are always online)"
 )
 
 
@@ -335,13 +335,48 @@ class RLOOConfig(PolicySettings):
     lr: float = setting(3e-3, help="peak learning rate (AdamW)")
 
 
+@dataclass
+class PPOConfig(OnlineSettings):
+    """A PPO run: fresh samples scored by the reward, a per-token KL penalty to π_ref (fixed or
+    adaptive β), a critic on its own LoRA adapter, GAE advantages and the clipped policy and
+    value losses. Defaults as TRL's and OpenRLHF's PPO where they apply."""
+
+    online: bool = setting(True, help=ONLINE_HELP)
+    # the critic gives the baseline, so one sample per prompt is the usual PPO batch
+    k: int = setting(1, help="online: samples per prompt")
+    # DPO's rate for LoRA on the default model; not measured for PPO yet (ppo_epochs passes over
+    # each batch already make several updates per step)
+    lr: float = setting(5e-4, help="peak learning rate (AdamW)")
+    beta: float = setting(
+        0.05,
+        help="β: weight of the per-token KL penalty to π_ref in the reward (with --target-kl "
+        "its starting value; TRL's init_kl_coef)",
+    )
+    target_kl: float | None = setting(
+        None, help="adapt β to hold this KL per token, in nats (e.g. 0.05–0.2; none: fixed β)"
+    )
+    ppo_epochs: int = setting(4, help="passes over each batch")
+    epsilon: float = setting(0.2, help="clipping range of the probability ratio")
+    gamma: float = setting(1.0, help="GAE: discount γ per token")
+    lam: float = setting(0.95, help="GAE: λ, the bias–variance trade-off of the advantages")
+    cliprange_value: float = setting(
+        0.2, help="clipping range of the critic's new values around the rollout's"
+    )
+    vf_coef: float = setting(0.1, help="weight of the value loss in the total loss")
+    whiten_rewards: bool = setting(
+        False, help="whiten the per-token rewards over the batch before GAE"
+    )
+
+
 METHOD_CONFIGS: dict[str, type[TrainSettings]] = {
     "dpo": DPOConfig,
     "grpo": GRPOConfig,
     "rm": RMConfig,
     "rloo": RLOOConfig,
+    "ppo": PPOConfig,
 }
-ONLINE_METHODS = ("grpo", "rloo")  # methods that train on fresh samples (grpo with online)
+# methods that train on fresh samples (grpo with online)
+ONLINE_METHODS = ("grpo", "rloo", "ppo")
 
 
 def field_types(cls: type) -> dict[str, Any]:

@@ -73,6 +73,10 @@ def _train(
         show_progress=show_progress,
         guard_prompts=guard_prompts,
     )
+    if is_online(method, cfg) and method == "ppo":
+        from tuning.ppo import train_ppo
+
+        return train_ppo(ws, base, cfg, out_dir, run_id=run_id, **common)
     if is_online(method, cfg):
         from tuning.online import train_online
         from tuning.train_loop import Checkpointing

@@ -269,6 +269,10 @@ def store_step(
 
 def check_online(method: str, cfg: PolicySettings) -> None:
     """Refuse settings an online (or offline) run cannot use, saying what to do."""
+    if method == "ppo":
+        from tuning.ppo import check_ppo
+
+        return check_ppo(cfg)
     online = method == "rloo" or cfg.online
     if method == "rloo" and not cfg.online:
         raise PrefloopError("rloo always trains online; drop --no-online")

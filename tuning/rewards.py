@@ -140,7 +140,7 @@ def _programmatic(ws: storedb.Workspace, spec: str) -> tuple[str, object]:
     ]
 
 
-def _reward_model(ws: storedb.Workspace, version: str) -> tuple[str, object]:
+def _reward_model(ws: storedb.Workspace, version: str, base_model=None) -> tuple[str, object]:
     try:
         from tuning.reward_model import load_scorer
     except ImportError:
@@ -148,16 +148,22 @@ def _reward_model(ws: storedb.Workspace, version: str) -> tuple[str, object]:
             "this prefloop has no reward models yet (tuning.reward_model is missing); use llm "
             "or module:function"
         ) from None
-    return "scorer", load_scorer(ws, version)
+    return "scorer", load_scorer(ws, version, base_model=base_model)
 
 
-def load_reward(ws: storedb.Workspace, terms: list[RewardTerm], llm_judge=None) -> Reward:
+def load_reward(
+    ws: storedb.Workspace, terms: list[RewardTerm], llm_judge=None, base_model=None
+) -> Reward:
     """The Reward the terms describe, every judge loaded (llm_judge: the LLM judge to use,
-    e.g. one on the policy's own base weights; None loads the default model)."""
+    e.g. one on the policy's own base weights; None loads the default model). base_model: a
+    loaded model (a policy's PeftModel, say) the first rm: term adds its adapter to, sharing
+    its weights; None loads the base for it."""
     loaded: list[tuple[str, object]] = []
     for term in terms:
         if term.kind == "rm":
-            loaded.append(_reward_model(ws, term.spec[len(RM_PREFIX) :]))
+            # one reward adapter per shared model (it is added under one name); others load
+            loaded.append(_reward_model(ws, term.spec[len(RM_PREFIX) :], base_model))
+            base_model = None
         elif term.kind == LLM:
             if llm_judge is None:
                 from tuning.llm_judge import LLMJudge
