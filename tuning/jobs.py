@@ -73,17 +73,18 @@ def _train(
         show_progress=show_progress,
         guard_prompts=guard_prompts,
     )
-    if is_online(method, cfg) and method == "ppo":
-        from tuning.ppo import train_ppo
-
-        return train_ppo(ws, base, cfg, out_dir, run_id=run_id, **common)
     if is_online(method, cfg):
-        from tuning.online import train_online
         from tuning.train_loop import Checkpointing
 
         checkpoint = None
         if run_id is not None:
             checkpoint = Checkpointing(checkpoint_path(ws, run_id), cfg.checkpoint_every, resume)
+        if method == "ppo":
+            from tuning.ppo import train_ppo
+
+            return train_ppo(ws, base, cfg, out_dir, run_id=run_id, checkpoint=checkpoint, **common)
+        from tuning.online import train_online
+
         return train_online(
             ws, base, method, cfg, out_dir, run_id=run_id, checkpoint=checkpoint, **common
         )
@@ -451,12 +452,12 @@ def resume_job(ws: storedb.Workspace, run_id: int, show_progress: bool = True) -
     if (
         row["kind"] != "tune"
         or method not in ONLINE_METHODS
-        or not (method == "rloo" or config.get("online"))
+        or not (method in ("rloo", "ppo") or config.get("online"))
     ):
         what = f"a {row['kind']} job" if row["kind"] != "tune" else f"a {method} run on labels"
         raise PrefloopError(
             f"run {run_id} is {what}, not an online run: only online runs (--method grpo "
-            "--online, --method rloo) checkpoint and resume; start it again instead"
+            "--online, --method rloo, --method ppo) checkpoint and resume; start it again instead"
         )
     alive = row["host"] == socket.gethostname() and runs.process_alive(row["pid"], row["host"])
     if row["status"] == "running" or (row["error"] == runs.STOPPED_SILENTLY and alive):

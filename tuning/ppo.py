@@ -41,6 +41,7 @@ from tuning.reward_model import new_head
 from tuning.rewards import load_reward, parse_reward_specs
 from tuning.rl_math import adaptive_beta, gae, ppo_policy_loss, ppo_value_loss, whiten
 from tuning.train_loop import (
+    Checkpointing,
     Method,
     StepCallback,
     TrainResult,
@@ -302,10 +303,12 @@ def train_ppo(
     on_step: StepCallback | None = None,
     show_progress: bool = True,
     guard_prompts: list[list[int]] | None = None,
+    checkpoint: Checkpointing | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter with PPO against the run's reward and save it (the policy only) to
     out_dir; the critic is kept in the run's folder. Each step's samples and rewards are stored
-    as a round of run_id."""
+    as a round of run_id; the run checkpoints to (and resumes from) `checkpoint` (the policy,
+    the critic and its value head, the optimizer and β)."""
     from tuning.modeling import load_tokenizer
 
     check_ppo(cfg)
@@ -377,6 +380,7 @@ def train_ppo(
             postfix=("objective/scores", "objective/kl"),
             rollout=rollout,
             batch_size=cfg.prompts_per_step,
+            state=state,
         ),
         cfg,
         out_dir,
@@ -384,6 +388,7 @@ def train_ppo(
         guard=guard,
         on_step=on_step,
         show_progress=show_progress,
+        checkpoint=checkpoint,
     )
     keys = ("objective/scores", "objective/kl", "objective/rlhf_reward", "kl_per_token", "beta")
     last = result.last_step

@@ -89,8 +89,8 @@ class TrainResult:
     last_step: dict[str, float] = field(default_factory=dict)  # the last step's metrics
 
 
-# what training changes: LoRA weights, and a reward model's scalar head
-TRAINED_KEYS = ("lora_", "reward_head.")
+# what training changes: LoRA weights, a reward model's scalar head, PPO's value head
+TRAINED_KEYS = ("lora_", "reward_head.", "value_head.")
 
 
 def _lora_state(model) -> dict[str, torch.Tensor]:
