@@ -108,16 +108,15 @@ def next_group(ws: storedb.Workspace, user: User, round_id: int, revise: int | N
     """The next group of the round for this user (or their own labelled group to revise)."""
     require(user, "label")
     job = annotation.next_assignment(ws, user.name, round_id)
-    group = job.group
+    if revise is None:
+        return Job(job.group, job.done, job.left, job.hint)
     with storedb.connect(ws) as con:
-        if revise is not None:
-            mine = labels.labels(con, annotator=user.name)
-            if int(revise) not in set(mine["group_id"].astype(int)):
-                raise PrefloopError(f"you have no label of group {revise} to revise")
-            group = rounds.groups(con, group_ids=[int(revise)])[0]
-        opts = rounds.round_options(con, round_id)
+        mine = labels.labels(con, annotator=user.name)
+        if int(revise) not in set(mine["group_id"].astype(int)):
+            raise PrefloopError(f"you have no label of group {revise} to revise")
+        group = rounds.groups(con, group_ids=[int(revise)])[0]
         hint = None
-        if group is not None and opts.show_suggestions:
+        if rounds.round_options(con, round_id).show_suggestions:
             found = suggestions.suggestion(con, group.group_id)
             hint = found[1] if found else None
     return Job(group, job.done, job.left, hint)

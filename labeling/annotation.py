@@ -302,6 +302,7 @@ class Assignment:
     group: GroupRecord | None
     done: int
     left: int
+    hint: list[list[int]] | None = None  # the judge's ranking, when the round shows it
 
 
 def next_assignment(
@@ -313,9 +314,7 @@ def next_assignment(
     annotator could still get, the shown one included.
     """
     ticket = queue.take(ws, clean_annotator(annotator), round_id, lease_s)
-    return Assignment(
-        round_id=ticket.round_id, group=ticket.group, done=ticket.done, left=ticket.left
-    )
+    return Assignment(ticket.round_id, ticket.group, ticket.done, ticket.left, ticket.hint)
 
 
 def save_label(ws: storedb.Workspace, record: LabelRecord) -> None:

@@ -50,6 +50,7 @@ from labeling.ranking import fractional_ranks, ordered_pairs
 from store import assignment, labels, rounds
 from store import db as storedb
 from store import gold as storegold
+from store import suggestions as storesuggestions
 from store.assignment import Option
 from store.errors import PrefloopError
 from store.records import LabelRecord
@@ -139,6 +140,7 @@ class Ticket:
     done: int  # groups of the round this annotator has labelled or skipped
     left: int  # groups this annotator could still get (the one handed out included)
     expires: datetime | None = None  # when the lease on group ends (naive UTC)
+    hint: list[list[int]] | None = None  # the judge's ranking of group, if the round shows it
 
 
 def choose(
@@ -193,7 +195,11 @@ def take(
         expires = at + timedelta(seconds=lease)
         assignment.hold(con, pick.group_id, annotator, expires)
         group = rounds.groups(con, group_ids=[pick.group_id])[0]
-        return Ticket(int(round_id), group, done, found.total, expires)
+        hint = None
+        if found.show_suggestions:
+            suggested = storesuggestions.suggestion(con, pick.group_id)
+            hint = suggested[1] if suggested else None
+        return Ticket(int(round_id), group, done, found.total, expires, hint)
 
     return _unit(ws, work)
 

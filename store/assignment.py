@@ -105,6 +105,7 @@ class Offer:
     options: list[Option]  # own leases, gold groups, and the fullest other group with a slot
     total: int  # groups the annotator could get (gold or with a free slot)
     done: int  # groups of the round the annotator has labelled (skips included)
+    show_suggestions: bool = False  # the round shows annotators the judge's ranking
 
 
 _OFFER = f"""
@@ -130,8 +131,9 @@ _OFFER = f"""
     best AS (SELECT id FROM opts WHERE NOT gold ORDER BY filled DESC, id LIMIT 1),
     head AS (
         SELECT (SELECT count(*) FROM opts) AS total,
-               (SELECT count(*) FROM open WHERE mine) AS done)
-    SELECT head.total, head.done, o.id, o.filled, o.gold, o.own
+               (SELECT count(*) FROM open WHERE mine) AS done,
+               (SELECT coalesce(show_suggestions, false) FROM rounds WHERE id = $round) AS hints)
+    SELECT head.total, head.done, head.hints, o.id, o.filled, o.gold, o.own
     FROM head LEFT JOIN opts o
       ON o.own IS NOT NULL OR o.gold OR o.id IN (SELECT id FROM best)
     ORDER BY o.id
@@ -146,13 +148,13 @@ def offer(con: duckdb.DuckDBPyConnection, annotator: str, round_id: int, now: da
     rows = con.execute(
         _OFFER, {"annotator": annotator, "now": now, "round": int(round_id)}
     ).fetchall()
-    total, done = int(rows[0][0]), int(rows[0][1])
+    total, done, hints = int(rows[0][0]), int(rows[0][1]), bool(rows[0][2])
     options = [
         Option(int(gid), int(filled), bool(gold), own)
-        for _, _, gid, filled, gold, own in rows
+        for _, _, _, gid, filled, gold, own in rows
         if gid is not None
     ]
-    return Offer(options, total, done)
+    return Offer(options, total, done, hints)
 
 
 def slot(con: duckdb.DuckDBPyConnection, group_id: int, annotator: str, now: datetime) -> Slot:
