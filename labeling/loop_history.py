@@ -151,9 +151,15 @@ def lineage(history: LoopHistory) -> Lineage:
     tuned on datasets from a parent, and the evaluations of each version."""
     g = Lineage([Node(model_node(BASE), "model", "base model (π_ref)")])
     for v in history.versions.itertuples():
-        gate = "promoted" if v.promoted else "not promoted"
-        g.nodes.append(Node(model_node(v.id), "model", f"{v.id}\n{v.method} · {gate}"))
-        g.edges.append((model_node(v.parent), model_node(v.id), "parent"))
+        if getattr(v, "kind", models.POLICY) == models.REWARD:
+            # a reward model judges, it is not sampled from: no edge from the base policy
+            g.nodes.append(Node(model_node(v.id), "model", f"{v.id}\nreward model ({v.method})"))
+            if isinstance(v.parent, str) and v.parent:
+                g.edges.append((model_node(v.parent), model_node(v.id), "parent"))
+        else:
+            gate = "promoted" if v.promoted else "not promoted"
+            g.nodes.append(Node(model_node(v.id), "model", f"{v.id}\n{v.method} · {gate}"))
+            g.edges.append((model_node(v.parent), model_node(v.id), "parent"))
         if isinstance(v.dataset_id, str) and v.dataset_id:
             g.edges.append((f"d:{v.dataset_id}", model_node(v.id), "tuned on"))
     for r in history.rounds.itertuples():
@@ -230,7 +236,9 @@ def version_measures(history: LoopHistory) -> pd.DataFrame:
     ev = history.evals
     rows = []
     versions = [{"id": BASE, "parent": None, "dataset_id": None, "method": "base", "gate": None}]
-    versions += history.versions.to_dict("records")
+    versions += [
+        v for v in history.versions.to_dict("records") if v.get("kind") != models.REWARD
+    ]  # policies: a reward model has no answers to measure
     for v in versions:
         vid = v["id"]
         gate = v["gate"] if isinstance(v["gate"], dict) else {}

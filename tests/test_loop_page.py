@@ -171,3 +171,22 @@ def test_estimate_eta_by_hand():
     assert estimate_eta([(3.0, 0.0)], 10.0, 5.0) is None
     # overdue: never negative
     assert estimate_eta([(10.0, 5.0)], 10.0, 100.0) == 0.0
+
+
+def test_a_reward_model_is_drawn_as_one_and_left_out_of_the_policy_charts(loop_ws):
+    staged = loop_ws.artifacts / "adapters" / ".staging-rm"
+    staged.mkdir(parents=True)
+    (staged / "adapter_config.json").write_text("{}")
+    with storedb.connect(loop_ws) as con:
+        v3 = models.register_version(
+            loop_ws, con, staged, parent=None, dataset_id="d2", method="rm", config={},
+            run_id=None, promoted=False, kind=models.REWARD,
+        )  # fmt: skip
+    at = open_app("Loop")
+    assert not at.exception, at.exception
+    (graph,) = at.get("graphviz_chart")
+    dot = graph.proto.spec
+    assert f'"m:{v3}" [label="{v3}\\nreward model (rm)"' in dot
+    assert f'"d:d2" -> "m:{v3}"' in dot and f'"m:base" -> "m:{v3}"' not in dot
+    table = next(df.value for df in at.dataframe if "accuracy_from" in df.value.columns)
+    assert list(table["version"]) == ["base", "v1", "v2"]
