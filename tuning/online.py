@@ -10,6 +10,7 @@ One rollout step is four separate functions a method can reuse: `sample_groups` 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -310,6 +311,30 @@ def check_rewards(ws: storedb.Workspace, specs: list[str]) -> None:
                 models.get_version(con, term.spec.removeprefix("rm:"))
 
 
+def beta_controller(state: dict, cfg) -> Callable[[dict[str, float]], dict[str, float]]:
+    """The loop's after-step hook of an online run: logs the β the step used, then adapts
+    state["beta"] towards cfg.target_kl (fixed β without one)."""
+
+    def after_step(logged: dict[str, float]) -> dict[str, float]:
+        used = state["beta"]
+        if cfg.target_kl:
+            n = cfg.prompts_per_step * cfg.k
+            state["beta"] = adaptive_beta(
+                used, logged["kl_per_token"], cfg.target_kl, n, cfg.kl_horizon
+            )
+        return {"beta": used}
+
+    return after_step
+
+
+def with_objective(result: TrainResult) -> TrainResult:
+    """The run's final metrics led by its last rollout step's objective, KL and β."""
+    keys = ("objective/scores", "objective/kl", "objective/rlhf_reward", "kl_per_token", "beta")
+    last = result.last_step
+    result.metrics = {**{k: last[k] for k in keys if k in last}, **result.metrics}
+    return result
+
+
 def train_online(
     ws: storedb.Workspace,
     base: str,
@@ -372,15 +397,6 @@ def train_online(
             store_step(ws, run_id, step, groups, settings, cfg.audit)
         return groups, metrics
 
-    def after_step(logged: dict[str, float]) -> dict[str, float]:
-        used = state["beta"]
-        if cfg.target_kl:
-            n = cfg.prompts_per_step * cfg.k
-            state["beta"] = adaptive_beta(
-                used, logged["kl_per_token"], cfg.target_kl, n, cfg.kl_horizon
-            )
-        return {"beta": used}
-
     result = train(
         model,
         Method(
@@ -388,7 +404,7 @@ def train_online(
             groups=prompts,
             loss=lambda m, chunk: policy_loss(m, chunk, pad, cfg, state["beta"]),
             passes_per_batch=cfg.ppo_epochs,
-            after_step=after_step,
+            after_step=beta_controller(state, cfg),
             postfix=("objective/scores", "objective/kl"),
             rollout=rollout,
             batch_size=cfg.prompts_per_step,
@@ -402,7 +418,4 @@ def train_online(
         show_progress=show_progress,
         checkpoint=checkpoint,
     )
-    keys = ("objective/scores", "objective/kl", "objective/rlhf_reward", "kl_per_token", "beta")
-    last = result.last_step
-    result.metrics = {**{k: last[k] for k in keys if k in last}, **result.metrics}
-    return result
+    return with_objective(result)

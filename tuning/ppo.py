@@ -30,16 +30,18 @@ from tuning.online import (
     RolloutGroup,
     RolloutPrompt,
     _PolicyBaseJudge,
+    beta_controller,
     fill_logprobs,
     rollout_metrics,
     rollout_prompts,
     sample_groups,
     score_groups,
     store_step,
+    with_objective,
 )
 from tuning.reward_model import new_head
 from tuning.rewards import load_reward, parse_reward_specs
-from tuning.rl_math import adaptive_beta, gae, ppo_policy_loss, ppo_value_loss, whiten
+from tuning.rl_math import gae, ppo_policy_loss, ppo_value_loss, whiten
 from tuning.train_loop import (
     Checkpointing,
     Method,
@@ -360,15 +362,6 @@ def train_ppo(
             store_step(ws, run_id, step, groups, settings, cfg.audit)
         return groups, metrics
 
-    def after_step(logged: dict[str, float]) -> dict[str, float]:
-        used = state["beta"]
-        if cfg.target_kl:
-            n = cfg.prompts_per_step * cfg.k
-            state["beta"] = adaptive_beta(
-                used, logged["kl_per_token"], cfg.target_kl, n, cfg.kl_horizon
-            )
-        return {"beta": used}
-
     result = train(
         model,
         Method(
@@ -376,7 +369,7 @@ def train_ppo(
             groups=prompts,
             loss=lambda m, chunk: ppo_loss(m, chunk, pad, cfg),
             passes_per_batch=cfg.ppo_epochs,
-            after_step=after_step,
+            after_step=beta_controller(state, cfg),
             postfix=("objective/scores", "objective/kl"),
             rollout=rollout,
             batch_size=cfg.prompts_per_step,
@@ -390,7 +383,4 @@ def train_ppo(
         show_progress=show_progress,
         checkpoint=checkpoint,
     )
-    keys = ("objective/scores", "objective/kl", "objective/rlhf_reward", "kl_per_token", "beta")
-    last = result.last_step
-    result.metrics = {**{k: last[k] for k in keys if k in last}, **result.metrics}
-    return result
+    return with_objective(result)
