@@ -680,8 +680,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--from",
         metavar="VERSION",
-        help="continue training this version's adapter (a policy; with --method rm a reward "
-        "model)",
+        help="continue training this version's adapter (a policy; with --method rm a reward model)",
     )
     p.add_argument(
         "--dataset",

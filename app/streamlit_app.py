@@ -249,6 +249,10 @@ def _tuning_form(
             )
         else:
             gains = ""
+            if isinstance(default, GRPOConfig):
+                sft = c2.number_input(
+                    "SFT weight α", min_value=0.0, value=float(default.sft_weight), key="tune_sft"
+                )
             if isinstance(default, GRPOConfig) and not online:
                 gains = c2.text_input(
                     "Gains (linear, dcg or 1,0.6,0.3,0)", default.gains, key="tune_gains"
@@ -288,7 +292,11 @@ def _tuning_form(
                     loss_type=loss, margin=float(beta), center_rewards=float(center), **common
                 )
             elif name in ("grpo", "rloo", "ppo"):
-                extra = {"gains": gains.strip() or "linear"} if name == "grpo" else {}
+                extra = (
+                    {"gains": gains.strip() or "linear", "sft_weight": float(sft)}
+                    if name == "grpo"
+                    else {}
+                )
                 cfg = default.__class__(
                     beta=float(beta), target_kl=float(target_kl) or None, **extra, **common
                 )

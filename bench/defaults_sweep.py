@@ -63,6 +63,7 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--eval-k", type=int, default=2, help="held-out samples per prompt in eval")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--tastes", default="shorter,formal")
     ap.add_argument("--setting", action="append", help="LABEL=FLAGS; repeat (default: a grid)")
@@ -83,6 +84,7 @@ def main() -> int:
                 k=args.k,
                 max_new_tokens=args.max_new_tokens,
                 rounds=args.rounds,
+                eval_k=args.eval_k,
                 seed=seed,
                 tune_args=settings,
                 taste=taste,

@@ -532,6 +532,27 @@ def test_sampling_form_starts_a_job_that_makes_a_round(model_ws):
     assert "Name a colour." in shown_text(at)
 
 
+def test_grpo_form_passes_its_sft_weight_and_gains_to_the_run(model_ws):
+    seeded = seed_round(model_ws, n_groups=2, k=3)
+    for gid, cids in zip(seeded.group_ids, seeded.candidate_ids, strict=True):
+        annotation.save_label(model_ws, LabelRecord(gid, "lee", [[c] for c in cids]))
+    at = open_app("Researcher")
+    at.selectbox(key="tune_method").set_value("GRPO").run()
+    sft = at.number_input(key="tune_sft")
+    assert sft.value == GRPOConfig().sft_weight  # the form shows the method's default
+    sft.set_value(0.8)
+    at.text_input(key="tune_gains").set_value("dcg")
+    at.number_input(key="tune_epochs").set_value(1)
+    click(at, "start_tuning")
+    row = finished_run(model_ws, "tune")
+    with storedb.connect(model_ws) as con:
+        version = models.get_version(con, row["result"])
+        metrics = runs.run_metrics(con, int(row["id"]))
+    assert version["method"] == "grpo"
+    assert (version["config"]["sft_weight"], version["config"]["gains"]) == (0.8, "dcg")
+    assert "nll_loss" in metrics.columns
+
+
 def test_dpo_form_trains_a_version_with_metrics(model_ws):
     seeded = seed_round(model_ws, n_groups=4, k=3)
     for gid, cids in zip(seeded.group_ids, seeded.candidate_ids, strict=True):

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from labeling.ranking import mean_gains, pair_preferences, place_gains, ranking_gains
-from tuning.losses import grpo_advantages, grpo_loss, plackett_luce_loss, preference_loss
+from tuning.losses import (
+    best_nll,
+    grpo_advantages,
+    grpo_loss,
+    plackett_luce_loss,
+    preference_loss,
+)
 
 
 def logsig(x: float) -> float:
@@ -192,3 +198,14 @@ def test_grpo_ratio_one_gives_the_policy_gradient_of_the_advantage() -> None:
     )
     loss.backward()
     assert (logps.grad[0] < 0).all() and (logps.grad[1] > 0).all()
+
+
+def test_best_nll_averages_the_top_scored_candidates_per_token() -> None:
+    # two groups: scores [1, 3, 3] (a tie at the top) and [0.5, -1]
+    logps = torch.tensor(
+        [[-9.0, -9.0, 0.0], [-1.0, -3.0, 0.0], [-2.0, -2.0, -2.0], [-0.5, 0.0, 0.0], [-7.0, 0, 0]]
+    )
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 0, 0]]).bool()
+    scores = [torch.tensor([1.0, 3.0, 3.0]), torch.tensor([0.5, -1.0])]
+    # rows 1 (2 per token), 2 (2 per token) and 3 (0.5 per token); padding ignored
+    assert float(best_nll(logps, mask, scores)) == pytest.approx((2 + 2 + 0.5) / 3)

@@ -78,6 +78,16 @@ def test_grpo_run_logs_its_metrics_and_counts_tied_groups(ws, capsys):
     models = json.loads(cli(capsys, "models", "list", "-w", ws.root, "--json"))
     v = next(m for m in models if m["id"] == version)
     assert v["method"] == "grpo" and v["config"]["gains"] == "1,0.6,0.3,0"
+    # by default the top-ranked candidates' NLL is mixed in to keep the language
+    assert v["config"]["sft_weight"] == GRPOConfig().sft_weight > 0
+    assert (metrics["nll_loss"] > 0).all()
+
+
+def test_grpo_without_the_sft_term_logs_no_nll(ws, capsys):
+    out = cli(capsys, "tune", "-w", ws.root, "--method", "grpo", "--epochs", 1,
+              "--sft-weight", 0, "--guard-prompts", 0, "--quiet")  # fmt: skip
+    version, metrics = _metrics(ws, out)
+    assert "nll_loss" not in metrics.columns and metrics["loss"].notna().all()
 
 
 def test_grpo_from_a_version_uses_it_as_pi_old_and_adapts_beta(ws, capsys):

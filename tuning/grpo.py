@@ -15,7 +15,7 @@ from store.errors import PrefloopError
 from store.records import TrainingGroup
 from tuning.batching import GroupTokens, collate, per_candidate, token_logps
 from tuning.config import GRPOConfig
-from tuning.losses import grpo_advantages, grpo_loss
+from tuning.losses import best_nll, grpo_advantages, grpo_loss
 from tuning.modeling import candidate_ids, load_tokenizer, prompt_ids
 from tuning.train_loop import (
     Method,
@@ -148,12 +148,17 @@ def train_grpo(
         flat, entropy = token_logps(model, batch, with_entropy=True)
         logps, _ = _padded(per_candidate(flat, batch))
         ent, _ = _padded(per_candidate(entropy, batch))
-        return grpo_loss(
+        loss, metrics = grpo_loss(
             logps, old.to(dev), ref.to(dev), mask.to(dev), adv.to(dev),
             epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, beta=state["beta"],
             loss_type=cfg.loss_type, max_completion_length=max_len,
             entropy=ent, entropy_coef=cfg.entropy_coef,
         )  # fmt: skip
+        if cfg.sft_weight:
+            nll = best_nll(logps, mask.to(dev), [g.gains for g in chunk])
+            metrics["nll_loss"] = nll.detach()
+            loss = loss + cfg.sft_weight * nll
+        return loss, metrics
 
     def batch_metrics(chunk: list[GRPOGroup]) -> dict[str, float]:
         adv, zero = grpo_advantages([g.gains for g in chunk], cfg.scale_rewards)

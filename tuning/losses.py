@@ -173,6 +173,20 @@ def grpo_loss(
     return loss, {k: v.detach() for k, v in metrics.items()}
 
 
+def best_nll(logps: torch.Tensor, mask: torch.Tensor, scores: list[torch.Tensor]) -> torch.Tensor:
+    """Mean NLL per token of each group's best-scored candidates (ties: all of them), over
+    per-token log-probs [N, T] whose rows are the groups' candidates in order."""
+    rows = []
+    start = 0
+    for s in scores:
+        top = torch.nonzero(s >= s.max() - 1e-6).flatten()
+        rows.extend((start + top).tolist())
+        start += len(s)
+    idx = torch.tensor(rows, device=logps.device)
+    m = mask[idx].to(logps.dtype)
+    return -((logps[idx] * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
+
+
 def reward_pairwise_loss(
     rewards: torch.Tensor,
     chosen: torch.Tensor,

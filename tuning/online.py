@@ -25,7 +25,7 @@ from tuning.batching import GroupTokens, collate, per_candidate, token_logps
 from tuning.config import PolicySettings
 from tuning.generation import HFGenerator, Sample
 from tuning.grpo import _fill, _padded
-from tuning.losses import grpo_advantages, grpo_loss
+from tuning.losses import best_nll, grpo_advantages, grpo_loss
 from tuning.rewards import Reward, load_reward, parse_reward_specs
 from tuning.rl_math import adaptive_beta, masked_mean, rloo_advantages
 from tuning.train_loop import (
@@ -181,9 +181,15 @@ def rollout_metrics(groups: list[RolloutGroup], beta: float) -> dict[str, float]
 
 
 def policy_loss(
-    model, chunk: list[RolloutGroup], pad_id: int, cfg: PolicySettings, beta: float
+    model,
+    chunk: list[RolloutGroup],
+    pad_id: int,
+    cfg: PolicySettings,
+    beta: float,
+    sft_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """GRPO's clipped surrogate with k3 KL (β) on a minibatch of rollout groups, and metrics."""
+    """GRPO's clipped surrogate with k3 KL (β) on a minibatch of rollout groups, plus
+    sft_weight × the NLL per token of each group's highest-reward samples, and metrics."""
     dev = next(model.parameters()).device
     batch = collate([g.tokens for g in chunk], pad_id, cfg.max_length).to(dev)
     adv = torch.cat([g.advantages for g in chunk]).to(dev)
@@ -205,7 +211,13 @@ def policy_loss(
     )  # fmt: skip
     with torch.no_grad():
         policy_only, _ = grpo_loss(logps, old, None, mask, adv, beta=0.0, **common)
+    extra = {}
+    if sft_weight:
+        nll = best_nll(logps, mask, [g.rewards for g in chunk])
+        extra["nll_loss"] = nll.detach()
+        loss = loss + sft_weight * nll
     return loss, {
+        **extra,
         "loss/policy_avg": policy_only,
         "policy/clipfrac_avg": metrics["clip_ratio"],
         "policy/approxkl_avg": 0.5 * masked_mean((logps - old).detach() ** 2, mask),
@@ -366,6 +378,7 @@ def train_online(
     guard = make_guard(model, tokenizer, guard_prompts, cfg)
     pad = tokenizer.pad_token_id
     estimator = "rloo" if method == "rloo" else "grpo"
+    sft = getattr(cfg, "sft_weight", 0.0)  # GRPO's; RLOO has none
     start = cfg.beta or (ADAPTIVE_START_BETA if cfg.target_kl else 0.0)
     state = {"beta": start}
     settings = {
@@ -402,7 +415,7 @@ def train_online(
         Method(
             name=f"{method} (online)",
             groups=prompts,
-            loss=lambda m, chunk: policy_loss(m, chunk, pad, cfg, state["beta"]),
+            loss=lambda m, chunk: policy_loss(m, chunk, pad, cfg, state["beta"], sft),
             passes_per_batch=cfg.ppo_epochs,
             after_step=beta_controller(state, cfg),
             postfix=("objective/scores", "objective/kl"),
