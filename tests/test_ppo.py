@@ -138,6 +138,43 @@ def test_one_minibatch_update_lowers_the_clipped_objective_and_the_value_loss(ti
     assert value1 < value0
 
 
+def test_the_critic_backward_first_gives_the_gradients_of_the_summed_loss(tiny_model_dir):
+    """ppo_loss back-propagates the value loss before the policy's forward pass (to hold one set
+    of activations at a time); the gradients must equal those of policy + vf_coef × value."""
+    from tuning.batching import collate, per_candidate, token_logps
+    from tuning.online import _padded
+    from tuning.ppo import _samples, ppo_loss
+    from tuning.rl_math import ppo_policy_loss, ppo_value_loss
+
+    cfg = PPOConfig(k=2, max_new_tokens=6, vf_coef=0.3)
+    model, tok, groups = _tiny_rollout(tiny_model_dir, cfg)
+    model.set_trainable()
+    # move the policy off π_old so the surrogate's gradient is not trivial
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.01 * torch.randn_like(p))
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    batch = collate([g.tokens for g in groups], tok.pad_token_id, cfg.max_length)
+    logps, mask = _padded(per_candidate(token_logps(model, batch)[0], batch))
+    values, _ = _padded(per_candidate(model.values(batch), batch))
+    pad = lambda name: _padded(_samples(groups, name))[0]  # noqa: E731
+    policy, _ = ppo_policy_loss(logps, pad("old"), pad("token_advantages"), mask, cfg.epsilon)
+    value, _ = ppo_value_loss(values, pad("values"), pad("returns"), mask, cfg.cliprange_value)
+    expected_loss = policy + cfg.vf_coef * value
+    expected_loss.backward()
+    expected = [p.grad.clone() for p in params]
+    model.zero_grad(set_to_none=True)
+
+    loss, _ = ppo_loss(model, groups, tok.pad_token_id, cfg)
+    loss.backward()
+    assert float(loss.detach()) == pytest.approx(float(expected_loss.detach()), abs=1e-6)
+    for p, want in zip(params, expected, strict=True):
+        assert torch.allclose(p.grad, want, atol=1e-6)
+    assert any(float(w.abs().sum()) > 0 for w in expected)
+
+
 def test_policy_critic_and_reward_model_share_one_copy_of_the_base(tiny_model_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
 

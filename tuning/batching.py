@@ -355,10 +355,12 @@ def per_candidate(values: torch.Tensor, batch: Batch) -> list[torch.Tensor]:
 
 
 def token_logps(
-    model: torch.nn.Module, batch: Batch, with_entropy: bool = False
+    model: torch.nn.Module, batch: Batch, with_entropy: bool = False, entropy_grad: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probability (and optionally the policy's entropy) at every completion token, in the
-    flat order of batch.labels; batch.candidate says which candidate each token belongs to."""
+    flat order of batch.labels; batch.candidate says which candidate each token belongs to.
+    The entropy carries gradients only with entropy_grad (an entropy bonus), else it is a
+    metric."""
 
     def predicting(first: int, end: int, length: int) -> torch.Tensor:
         tokens = slice(batch.row_starts[first], batch.row_starts[end])
@@ -369,8 +371,10 @@ def token_logps(
         tokens = slice(batch.row_starts[first], batch.row_starts[end])
         token_logps.append(-F.cross_entropy(logits, batch.labels[tokens], reduction="none"))
         if with_entropy:
-            logp_all = F.log_softmax(logits, -1)
-            entropies.append(-(logp_all.exp() * logp_all).sum(-1))
+            # as a metric, no graph: it would keep several (tokens, vocab) tensors alive
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                logp_all = F.log_softmax(logits, -1)
+                entropies.append(-(logp_all.exp() * logp_all).sum(-1))
     logps = torch.cat(token_logps)
     return logps, torch.cat(entropies) if with_entropy else None
 

@@ -145,7 +145,9 @@ def train_grpo(
         adv, _ = grpo_advantages([g.gains for g in chunk], cfg.scale_rewards)
         old, mask = _padded([t for g in chunk for t in g.old])
         ref, _ = _padded([t for g in chunk for t in g.ref])
-        flat, entropy = token_logps(model, batch, with_entropy=True)
+        flat, entropy = token_logps(
+            model, batch, with_entropy=True, entropy_grad=bool(cfg.entropy_coef)
+        )
         logps, _ = _padded(per_candidate(flat, batch))
         ent, _ = _padded(per_candidate(entropy, batch))
         loss, metrics = grpo_loss(

@@ -196,7 +196,9 @@ def policy_loss(
     old, mask = _padded([t for g in chunk for t in g.old])
     ref, _ = _padded([t for g in chunk for t in g.ref])
     old, ref, mask = old.to(dev), ref.to(dev), mask.to(dev)
-    flat, entropy = token_logps(model, batch, with_entropy=True)
+    flat, entropy = token_logps(
+        model, batch, with_entropy=True, entropy_grad=bool(cfg.entropy_coef)
+    )
     logps, _ = _padded(per_candidate(flat, batch))
     ent, _ = _padded(per_candidate(entropy, batch))
     common = dict(

@@ -236,23 +236,31 @@ def ppo_loss(
     model: PolicyCritic, chunk: list[PPOGroup], pad_id: int, cfg: PPOConfig
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped policy surrogate plus vf_coef × the clipped value loss on a minibatch of
-    rollout groups, and their metrics under TRL's names."""
+    rollout groups, and their metrics under TRL's names.
+
+    The value loss is back-propagated here, before the policy's forward pass, so the critic's
+    and the policy's activations are never held at once (they train disjoint weights); the
+    returned loss carries the value term as a constant, and its backward reaches the policy.
+    """
     dev = model.device
     model.set_trainable()  # π_ref's disabled adapters (rollout, guard) left the critic frozen
     batch = collate([g.tokens for g in chunk], pad_id, cfg.max_length).to(dev)
-    flat, entropy = token_logps(model, batch, with_entropy=True)
-    logps, mask = _padded(per_candidate(flat, batch))
-    ent, _ = _padded(per_candidate(entropy, batch))
+    old_values, mask = _padded(_samples(chunk, "values"))
+    returns, _ = _padded(_samples(chunk, "returns"))
+    old_values, returns, mask = old_values.to(dev), returns.to(dev), mask.to(dev)
     values, _ = _padded(per_candidate(model.values(batch), batch))
+    value, vm = ppo_value_loss(values, old_values, returns, mask, cfg.cliprange_value)
+    (cfg.vf_coef * value).backward()
+    del values
+    flat, entropy = token_logps(model, batch, with_entropy=True)
+    logps, _ = _padded(per_candidate(flat, batch))
+    ent, _ = _padded(per_candidate(entropy, batch))
     old, _ = _padded(_samples(chunk, "old"))
     adv, _ = _padded(_samples(chunk, "token_advantages"))
-    old_values, _ = _padded(_samples(chunk, "values"))
-    returns, _ = _padded(_samples(chunk, "returns"))
-    old, adv, old_values, returns = (t.to(dev) for t in (old, adv, old_values, returns))
+    old, adv = old.to(dev), adv.to(dev)
     policy, pm = ppo_policy_loss(logps, old, adv, mask, cfg.epsilon)
-    value, vm = ppo_value_loss(values, old_values, returns, mask, cfg.cliprange_value)
     m = mask.to(ent.dtype)
-    return policy + cfg.vf_coef * value, {
+    return policy + cfg.vf_coef * value.detach(), {
         "loss/policy_avg": policy.detach(),
         "loss/value_avg": value.detach(),
         "policy/clipfrac_avg": pm["clipfrac"],
