@@ -188,3 +188,35 @@ def test_bf16_base_gives_float32_log_probs_heads_and_trainable_weights(tiny_mode
     with torch.no_grad():
         assert rm(batch).dtype is torch.float32
         assert ppo.values(batch).dtype is torch.float32
+
+
+@pytest.mark.slow  # two real jobs started by the app (~25 s)
+def test_web_forms_start_jobs_in_the_chosen_dtype(tmp_path, monkeypatch, tiny_model_dir):
+    from labeling import annotation
+    from store.records import LabelRecord
+    from tests.fixtures_app import make_workspace, seed_round
+    from tests.test_app import click, finished_run, open_app
+
+    app_ws = make_workspace(tmp_path / "app-ws", base_model=str(tiny_model_dir))
+    monkeypatch.setenv("PREFLOOP_WORKSPACE", str(app_ws.root))
+    seeded = seed_round(app_ws, n_groups=2, k=2)
+    for gid, cids in zip(seeded.group_ids, seeded.candidate_ids, strict=True):
+        annotation.save_label(app_ws, LabelRecord(gid, "lee", [[c] for c in cids]))
+    at = open_app("Researcher")
+    assert at.selectbox(key="sample_dtype").value == "auto"
+    at.selectbox(key="sample_dtype").set_value("bfloat16")
+    at.number_input(key="sample_k").set_value(2)
+    at.number_input(key="sample_max_new_tokens").set_value(4)
+    at.number_input(key="sample_limit").set_value(1)
+    click(at, "start_sampling")
+    finished_run(app_ws, "sample")
+    with db.connect(app_ws) as con:
+        sampled = rounds.list_rounds(con).set_index("id").loc[seeded.round_id + 1]
+    assert sampled["settings"]["dtype"] == "bfloat16"
+
+    at.selectbox(key="tune_dtype").set_value("bfloat16")
+    at.number_input(key="tune_epochs").set_value(1)
+    click(at, "start_tuning")
+    row = finished_run(app_ws, "tune")
+    with db.connect(app_ws) as con:
+        assert models.get_version(con, row["result"])["config"]["dtype"] == "bfloat16"
