@@ -452,6 +452,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         top_p=args.top_p,
         seed=args.seed,
         beta=args.beta,
+        dtype=args.dtype,
     )
     ws = _ws(args)
     if args.model is None:
@@ -557,6 +558,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
+    from app.cli_judge import add_dtype_option
     from app.config_options import add_config_options, add_method_options
     from tuning.config import METHOD_CONFIGS, SamplingConfig
 
@@ -850,6 +852,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=1234, help="the same seed samples both versions")
     p.add_argument("--beta", type=float, help="implicit-reward β (default: the version's)")
+    add_dtype_option(p)
     p.add_argument("--json", action="store_true")
 
     ev = sub.add_parser("evals", help="evaluation results").add_subparsers(

@@ -22,7 +22,9 @@ def _load(args: argparse.Namespace, ws):
         from tuning.models_cache import DEFAULT_MODEL
 
         limit_threads()  # leave a core for the web server while the judge reads every pair
-        cfg = EvalConfig(judge="llm", judge_model=args.judge_model, rubric=args.rubric)
+        cfg = EvalConfig(
+            judge="llm", judge_model=args.judge_model, rubric=args.rubric, dtype=args.dtype
+        )
         return load_judge(ws, cfg), f"llm:{args.judge_model or DEFAULT_MODEL}"
     if args.judge_model or args.rubric:
         raise PrefloopError("--judge-model and --rubric apply to --judge llm only")
@@ -31,7 +33,7 @@ def _load(args: argparse.Namespace, ws):
         from tuning.reward_model import reward_judge
 
         limit_threads()
-        return reward_judge(ws, args.judge), args.judge
+        return reward_judge(ws, args.judge, args.dtype), args.judge
     return load_suggestion_judge(resolve_judge(ws, args.judge)), args.judge
 
 
@@ -145,6 +147,15 @@ def _register_judges(sub, add) -> None:
     p.add_argument("name", metavar="NAME")
 
 
+def add_dtype_option(p: argparse.ArgumentParser) -> None:
+    """--dtype of a command that loads models outside the config dataclasses (eval, judge)."""
+    from tuning.config import DTYPE_HELP, DTYPES
+
+    p.add_argument(
+        "--dtype", default=DTYPES[0], choices=DTYPES, help=f"{DTYPE_HELP} (default: {DTYPES[0]})"
+    )
+
+
 def register(sub, add) -> None:
     """Add `prefloop judge`, `prefloop judges` and `prefloop suggestions list` to the parser."""
     p = add(
@@ -161,6 +172,7 @@ def register(sub, add) -> None:
     )
     p.add_argument("--judge-model", help="the LLM judge's model (default: the default model)")
     p.add_argument("--rubric", help="the LLM judge's rubric (system prompt)")
+    add_dtype_option(p)
     p.add_argument(
         "--as-annotator",
         action="store_true",

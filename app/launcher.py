@@ -52,7 +52,11 @@ def sample_args(
         str(cfg.seed),
         "--prompts-per-batch",
         str(cfg.prompts_per_batch),
+        "--dtype",
+        cfg.dtype,
     ]
+    if cfg.load_in_4bit:
+        args.append("--load-in-4bit")
     if cfg.limit:
         args += ["--limit", str(cfg.limit)]
     return [*args, "--mode", mode, "--overlap", str(int(overlap))]

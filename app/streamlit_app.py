@@ -23,6 +23,7 @@ from store.access import User
 from store.errors import PrefloopError
 from store.prompts import SPLITS
 from tuning.config import (
+    DTYPES,
     DPOConfig,
     GRPOConfig,
     LoraSettings,
@@ -62,6 +63,8 @@ TUNE_FIELDS = (
     "tune_target_kl", "tune_reward", "tune_online_k", "tune_audit",
 )  # fmt: skip
 REFRESH_S = 3.0
+DTYPE_LABEL = "Precision of the base weights (dtype)"
+DTYPE_TIP = "auto: bfloat16 on a GPU that supports it, else float32; LoRA weights stay float32"
 NO_PARENT = "(base model)"
 NEW_DATASET = "(freeze the current labels)"
 
@@ -147,6 +150,7 @@ def _sampling_form(ws: storedb.Workspace, version_ids: list[str], newest: str) -
             value=1,
             key="sample_overlap",
         )
+        dtype = c1.selectbox(DTYPE_LABEL, DTYPES, key="sample_dtype", help=DTYPE_TIP)
         if st.form_submit_button("Start sampling", key="start_sampling"):
             cfg = SamplingConfig(
                 k=int(k),
@@ -156,6 +160,7 @@ def _sampling_form(ws: storedb.Workspace, version_ids: list[str], newest: str) -
                 seed=int(seed),
                 split=split,
                 limit=int(limit) or None,
+                dtype=dtype,
             )
             _launch(
                 ws,
@@ -227,6 +232,7 @@ def _tuning_form(
         dataset = c2.selectbox(
             "Dataset version", [NEW_DATASET, *reversed(dataset_ids)], key="tune_dataset"
         )
+        dtype = c1.selectbox(DTYPE_LABEL, DTYPES, key="tune_dtype", help=DTYPE_TIP)
         kl_budget = default.kl_budget
         if not isinstance(default, RMConfig):  # a reward model samples nothing to guard
             kl_budget = c1.number_input(
@@ -284,6 +290,7 @@ def _tuning_form(
                 groups_per_step=int(groups_per_step),
                 lora=LoraSettings(r=int(lora_r), alpha=int(lora_alpha)),
                 kl_budget=float(kl_budget),
+                dtype=dtype,
             )
             if online:
                 common.update(reward=list(rewards), k=int(k), audit=int(audit), online=True)

@@ -1,6 +1,6 @@
 """DPO throughput: prefloop's group-wise DPO against TRL's pairwise DPOTrainer, side by side.
 
-Both train the same LoRA adapter (r=16, alpha=32, dropout 0, q/k/v/o_proj) on the same float32
+Both train the same LoRA adapter (r=16, alpha=32, dropout 0, q/k/v/o_proj) on the same
 base model, for one epoch over the same preference data, with the same learning rate, beta,
 max length and (as far as the two allow) pairs per optimizer step:
 
@@ -18,13 +18,15 @@ loading). TRL's covers `DPOTrainer(...)` (tokenising the pairs, wrapping with Lo
 `trainer.train()` (reference log-probs on the fly with the adapter disabled, TRL's default).
 Process CPU seconds are printed too: on a shared machine they are steadier than wall time.
 
-Fairness: both run in float32 with the same torch thread count (default: prefloop's own, one
-core left free). TRL's gradient checkpointing (on by default in TRL) is turned off, as prefloop
-does not use it (`--trl-gradient-checkpointing` turns it back on). TRL gets its fastest batching
-for the device by default: micro-batches of one pair with gradient accumulation on a CPU (no
-padding across pairs), a whole step per batch on a GPU; `--trl-batch/--trl-accum` override.
-The bench checks that TRL's tokenised pairs are exactly prefloop's token ids, and evaluates the
-TRL-trained adapter with prefloop's end-of-run loss (untimed) as a sanity check.
+Fairness: both run in the same precision (`--dtype float32`, the default, or `--dtype bfloat16`:
+the base weights in bf16, TRL also with bf16=True) with the same torch thread count (default:
+prefloop's own, one core left free). TRL's gradient checkpointing (on by default in TRL) is
+turned off, as prefloop does not use it (`--trl-gradient-checkpointing` turns it back on). TRL
+gets its fastest batching for the device by default: micro-batches of one pair with gradient
+accumulation on a CPU (no padding across pairs), a whole step per batch on a GPU; `--trl-
+batch/--trl-accum` override. The bench checks that TRL's tokenised pairs are exactly prefloop's
+token ids, and evaluates the TRL-trained adapter with prefloop's end-of-run loss (untimed) as a
+sanity check.
 
 Run:  .venv/bin/python bench/dpo_throughput.py --groups 16 --k 4 --max-length 512 --repeat 1
 """
@@ -194,6 +196,7 @@ def run_prefloop(model_dir: str, rows: list[TrainingGroup], args, workdir: Path)
         groups_per_step=args.groups_per_step,
         seed=0,
         lora=LoraSettings(r=16, alpha=32, dropout=0.0, target_modules=list(LORA_TARGETS)),
+        dtype=args.dtype,
     )
     timer = Timer()
     saved = {
@@ -250,7 +253,8 @@ def run_trl(model_dir: str, rows: list[TrainingGroup], args, workdir: Path, devi
     from tuning.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     dataset = Dataset.from_list(pair_rows(tokenizer, rows))
     n_pairs = len(dataset)
     config = DPOConfig(
@@ -265,7 +269,7 @@ def run_trl(model_dir: str, rows: list[TrainingGroup], args, workdir: Path, devi
         beta=args.beta,
         max_length=args.max_length,
         seed=0,
-        bf16=False,
+        bf16=args.dtype == "bfloat16",
         fp16=False,
         use_cpu=device == "cpu",
         gradient_checkpointing=args.trl_gradient_checkpointing,
@@ -360,6 +364,12 @@ def main() -> int:
         action="store_true",
         help="keep TRL's default gradient checkpointing (off by default: prefloop does not use it)",
     )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="the base weights of both (TRL: the model's dtype and bf16=True); LoRA stays float32",
+    )
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -417,7 +427,8 @@ def main() -> int:
     ]
     gpu = f" ({torch.cuda.get_device_name()})" if device == "cuda" else ""
     print(
-        f"device: {device}{gpu}, torch threads: {args.threads}, float32, torch {torch.__version__}"
+        f"device: {device}{gpu}, torch threads: {args.threads}, {args.dtype}, "
+        f"torch {torch.__version__}"
     )
     print(
         f"data: {args.groups} groups x K={args.k} -> {n_pairs} ordered pairs; prompt tokens "

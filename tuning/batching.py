@@ -189,6 +189,13 @@ def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def _checkpointing(model: torch.nn.Module) -> bool:
+    """Whether a training forward pass of model recomputes activations in the backward pass."""
+    return model.training and any(
+        getattr(m, "gradient_checkpointing", False) for m in model.modules()
+    )
+
+
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A boolean mask as eager attention takes it: 0 where allowed, the dtype's min elsewhere."""
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
@@ -423,7 +430,9 @@ def _packed_forward(model: torch.nn.Module, batch: Batch, positions, keep_hidden
     dtype = head.weight.dtype if head is not None else torch.float32
     configs = _configs(inner)
     impl = configs[0]._attn_implementation if configs else None
-    if impl == "sdpa" and not _SHARED_ATTENTION:
+    if impl == "sdpa" and (not _SHARED_ATTENTION or _checkpointing(inner)):
+        # gradient checkpointing recomputes the layers in the backward pass, after the shared
+        # attention's plan is gone: a dense mask passed as an argument is recomputed with them
         impl = None
     if impl not in ("sdpa", "eager", None):
         raise ValueError(

@@ -23,6 +23,18 @@ GRPO_LOSSES = ("grpo", "bnpo", "dr_grpo")
 SCALE_REWARDS = ("group", "batch", "none")
 SPLITS = ("train", "heldout")
 RM_LOSSES = ("pairwise", "listwise")
+# the dtype the base weights load in; "auto": bfloat16 on a CUDA GPU that supports it, else
+# float32 (tuning.modeling.resolve_dtype)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPE_HELP = (
+    "dtype of the base model's weights: auto (bfloat16 on a CUDA GPU that supports it, else "
+    "float32), float32, bfloat16 or float16; LoRA weights, log-probs and losses stay float32"
+)
+LOAD_IN_4BIT_HELP = (
+    "QLoRA: load the base weights in 4 bits (bitsandbytes NF4, double quantization, bfloat16 "
+    "compute); needs a CUDA GPU and `pip install bitsandbytes`"
+)
+ALL_LINEAR = "all-linear"
 ONLINE_HELP = (
     "train on fresh samples from the policy scored by --reward instead of on the labelled "
     "groups (online GRPO; rloo and ppo are always online)"
@@ -61,6 +73,8 @@ class SamplingConfig:
     prompts_per_batch: int = setting(8, help="prompts generated together in one batch")
     split: str = setting("train", help="which prompts to sample", choices=SPLITS)
     limit: int | None = setting(None, help="sample only the first N prompts of the split")
+    dtype: str = setting("auto", help=DTYPE_HELP, choices=DTYPES)
+    load_in_4bit: bool = setting(False, help=LOAD_IN_4BIT_HELP)
 
 
 @dataclass
@@ -71,10 +85,21 @@ class LoraSettings:
     alpha: int = setting(32, help="LoRA scaling α (the update is scaled by α / r)")
     dropout: float = setting(0.0, help="dropout on the LoRA input")
     target_modules: list[str] = setting(
-        help="modules that get an adapter, comma-separated",
+        help=f"modules that get an adapter, comma-separated, or {ALL_LINEAR} (every linear "
+        "layer but the output head)",
         flag="target-modules",
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
     )
+
+    def __post_init__(self) -> None:
+        if ALL_LINEAR in self.target_modules and len(self.target_modules) > 1:
+            raise ValueError(f"target_modules {ALL_LINEAR} goes alone, not with other modules")
+
+    def peft_target_modules(self) -> list[str] | str:
+        """target_modules as peft's LoraConfig takes it ("all-linear" as the string)."""
+        if list(self.target_modules) == [ALL_LINEAR]:
+            return ALL_LINEAR
+        return list(self.target_modules)
 
 
 @dataclass
@@ -90,6 +115,13 @@ class TrainSettings:
     groups_per_step: int = setting(4, help="labelled groups per optimiser step")
     seed: int = setting(0, help="random seed of initialisation and data order")
     lora: LoraSettings = setting(help="the LoRA adapter's shape", default_factory=LoraSettings)
+    # precision and memory (README "Precision and memory")
+    dtype: str = setting("auto", help=DTYPE_HELP, choices=DTYPES)
+    gradient_checkpointing: bool = setting(
+        False,
+        help="recompute activations in the backward pass: less activation memory, more compute",
+    )
+    load_in_4bit: bool = setting(False, help=LOAD_IN_4BIT_HELP)
     # the per-epoch guard: after each epoch sample guard_prompts held-out prompts (k=2) from the
     # policy; stop at the last epoch whose KL per token to π_ref is within kl_budget and whose
     # broken share is at most 5%, and keep that epoch's adapter (guard_prompts=0: off)

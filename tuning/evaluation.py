@@ -54,6 +54,7 @@ class EvalConfig:
     top_p: float = 0.95
     seed: int = 1234
     beta: float | None = None  # implicit-reward β (default: the version's training β)
+    dtype: str = "auto"  # the models' weights (sampled versions, π_ref and a model judge)
 
     def sampling(self) -> SamplingConfig:
         """The sampling settings both versions share."""
@@ -65,6 +66,7 @@ class EvalConfig:
             seed=self.seed,
             split=self.split,
             limit=self.limit,
+            dtype=self.dtype,
         )
 
 
@@ -93,14 +95,16 @@ def load_judge(ws: storedb.Workspace, cfg: EvalConfig):
     from tuning.reward_model import reward_judge, reward_version_of
 
     if reward_version_of(cfg.judge) is not None:
-        return reward_judge(ws, cfg.judge)
+        return reward_judge(ws, cfg.judge, cfg.dtype)
 
     if cfg.judge == LLM:
         from tuning.modeling import load_base, load_tokenizer
         from tuning.models_cache import DEFAULT_MODEL
 
         name = cfg.judge_model or DEFAULT_MODEL
-        return LLMJudge(load_base(name), load_tokenizer(name), cfg.rubric or DEFAULT_RUBRIC)
+        return LLMJudge(
+            load_base(name, cfg.dtype), load_tokenizer(name), cfg.rubric or DEFAULT_RUBRIC
+        )
     return load_programmatic_judge(resolve_judge(ws, cfg.judge))
 
 
@@ -146,7 +150,7 @@ def judged_win_rate(
     return result, details
 
 
-def _load_policy(ws: storedb.Workspace, version: str):
+def _load_policy(ws: storedb.Workspace, version: str, dtype: str = "auto"):
     """The base model with the version's adapter (none for base), its tokenizer, and whether it
     has an adapter to disable for π_ref."""
     from tuning.modeling import load_tokenizer, load_version
@@ -156,7 +160,7 @@ def _load_policy(ws: storedb.Workspace, version: str):
         info = models.get_version(con, version, models.POLICY)
     tok = load_tokenizer(base)
     adapter = models.adapter_dir(ws, info) if info else None
-    model = load_version(base, adapter)
+    model = load_version(base, adapter, dtype=dtype)
     return model, tok, info is not None
 
 
@@ -195,10 +199,10 @@ def _logps(
 
 
 def _policy_and_ref_logps(
-    ws: storedb.Workspace, version: str, groups: list[rounds.GroupRecord]
+    ws: storedb.Workspace, version: str, groups: list[rounds.GroupRecord], dtype: str = "auto"
 ) -> tuple[list[list[float]], list[list[float]], list[list[int]]]:
     """Summed log-probs of each candidate under the version and under the base model."""
-    model, tok, adapted = _load_policy(ws, version)
+    model, tok, adapted = _load_policy(ws, version, dtype)
     return _logps(model, tok, adapted, groups)
 
 
@@ -240,6 +244,7 @@ def measure_drift(
     version_round: int,
     against_round: int,
     reference_round: int | None = None,
+    dtype: str = "auto",
 ) -> DriftResult:
     """KL(π‖π_ref) per token, length, distinct-2, length-limit share, and fluency under π_ref.
 
@@ -255,7 +260,7 @@ def measure_drift(
         by_round = {r: rounds.groups(con, round_id=r) for r in {version_round, against_round}}
         if reference_round is not None and reference_round not in by_round:
             by_round[reference_round] = rounds.groups(con, round_id=reference_round)
-    model, tok, adapted = _load_policy(ws, version)
+    model, tok, adapted = _load_policy(ws, version, dtype)
     policy, ref, lengths = _logps(model, tok, adapted, by_round[version_round])
     nll = {version_round: nll_per_token(ref, lengths)}
     for r, groups in by_round.items():
@@ -344,7 +349,7 @@ def breaking_reason(metrics: dict) -> str | None:
 
 
 def preference_accuracy(
-    ws: storedb.Workspace, version: str, beta: float, split: str = "heldout"
+    ws: storedb.Workspace, version: str, beta: float, split: str = "heldout", dtype: str = "auto"
 ) -> tuple[dict, list[dict]] | None:
     """How often the version's implicit reward orders labelled held-out pairs as annotators did,
     with a reliability curve of σ(β·margin) against observed agreement and its ECE."""
@@ -359,7 +364,7 @@ def preference_accuracy(
         groups = rounds.groups(con, group_ids=sorted(by_group))
     if not groups:
         return None
-    policy, ref, _ = _policy_and_ref_logps(ws, version, groups)
+    policy, ref, _ = _policy_and_ref_logps(ws, version, groups, dtype)
     predicted, observed, correct = [], [], []
     for g, gp, gr in zip(groups, policy, ref, strict=True):
         pos = {cid: i for i, cid in enumerate(g.candidate_ids)}
@@ -496,7 +501,7 @@ def evaluate(ws: storedb.Workspace, version: str, cfg: EvalConfig) -> dict:
         reference = mine if version == BASE else _round_for(ws, BASE, sampling)
         out["reference_round"] = reference
     beta = cfg.beta or (info["config"].get("beta") if info else None) or 0.1
-    measured = measure_drift(ws, version, mine, theirs, reference)
+    measured = measure_drift(ws, version, mine, theirs, reference, cfg.dtype)
     out["drift"] = measured.metrics
     with storedb.connect(ws) as con:
         evals.add_eval(
@@ -534,7 +539,7 @@ def evaluate(ws: storedb.Workspace, version: str, cfg: EvalConfig) -> dict:
                 round_ids=[mine, theirs],
                 details=details,
             )
-    pref = preference_accuracy(ws, version, beta, cfg.split) if info else None
+    pref = preference_accuracy(ws, version, beta, cfg.split, cfg.dtype) if info else None
     if pref is not None:
         out["preference"] = pref[0]
         with storedb.connect(ws) as con:

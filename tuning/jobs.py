@@ -156,8 +156,10 @@ def sample_job(
     options: dict | None = None,
 ) -> int:
     """Sample a round as a tracked job (options: its labelling options); returns the round id."""
+    from tuning.modeling import check_precision
     from tuning.sampling import sample_round
 
+    check_precision(cfg.dtype, cfg.load_in_4bit)
     with storedb.connect(ws) as con:
         runs.record_dead(con)
         if not version:
@@ -182,7 +184,9 @@ def sample_job(
 def eval_job(ws: storedb.Workspace, version: str, cfg) -> dict:
     """Evaluate a version as a tracked job; returns the results."""
     from tuning.evaluation import evaluate
+    from tuning.modeling import check_precision
 
+    check_precision(cfg.dtype)
     with storedb.connect(ws) as con:
         runs.record_dead(con)
         models.get_version(con, version, models.POLICY)
@@ -269,10 +273,12 @@ def gate_verdict(
     return gate
 
 
-def _preference_accuracy(ws: storedb.Workspace, version: str, beta: float) -> float | None:
+def _preference_accuracy(
+    ws: storedb.Workspace, version: str, beta: float, dtype: str = "auto"
+) -> float | None:
     from tuning.evaluation import preference_accuracy
 
-    result = preference_accuracy(ws, version, beta or 0.1)
+    result = preference_accuracy(ws, version, beta or 0.1, dtype=dtype)
     return None if result is None else float(result[0]["accuracy"])
 
 
@@ -288,7 +294,9 @@ def tune_job(
     """Freeze (or reuse) a dataset version, train an adapter on it, register the new version,
     and run its promotion gate."""
     from labeling.curation import freeze_dataset
+    from tuning.modeling import check_precision
 
+    check_precision(cfg.dtype, cfg.load_in_4bit)  # before a dataset, a run or a model
     rank = int(os.environ.get("RANK", "0"))  # set by `accelerate launch` for each process
     if method not in METHOD_CONFIGS:
         raise PrefloopError(
@@ -408,7 +416,7 @@ def _policy_run(
                 run_id=run_id,
                 promoted=False,
             )
-        accuracy = _preference_accuracy(ws, version, cfg.beta)
+        accuracy = _preference_accuracy(ws, version, cfg.beta, cfg.dtype)
         parent_accuracy = None
         if accuracy is not None:
             parent_gate = (parent or {}).get("gate") or {}
@@ -417,7 +425,7 @@ def _policy_run(
                 parent_accuracy = 0.5  # the base model's implicit reward orders nothing
             elif parent_accuracy is None:
                 parent_accuracy = _preference_accuracy(
-                    ws, from_version, parent["config"].get("beta", cfg.beta)
+                    ws, from_version, parent["config"].get("beta", cfg.beta), cfg.dtype
                 )
         gate = gate_verdict(result.gate, cfg, accuracy, parent_accuracy, result.kept_epoch)
         gate["split"] = guard_split

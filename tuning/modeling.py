@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from transformers.utils import logging as hf_logging
 
 from store.errors import PrefloopError
+from tuning.config import DTYPES
 from tuning.models_cache import resolve_model
 
 hf_logging.disable_progress_bar()
@@ -41,26 +43,134 @@ def load_tokenizer(base: str) -> PreTrainedTokenizerBase:
     return tok
 
 
-def load_base(base: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """The base causal LM in eval mode on the job's device."""
+def resolve_dtype(name: str | torch.dtype = "auto") -> torch.dtype:
+    """The torch dtype a --dtype name means; auto: bfloat16 on a CUDA GPU that supports it,
+    else float32."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise PrefloopError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
+    return dtypes[name]
+
+
+def check_load_in_4bit() -> None:
+    """Refuse 4-bit loading where bitsandbytes cannot run, before anything loads."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise PrefloopError(
+            "--load-in-4bit needs bitsandbytes and a CUDA GPU: on a machine with an NVIDIA GPU "
+            "run `pip install bitsandbytes`; here, drop --load-in-4bit (or use --dtype bfloat16)"
+        )
+    if not torch.cuda.is_available():
+        raise PrefloopError(
+            "--load-in-4bit needs a CUDA GPU (bitsandbytes' 4-bit kernels) and this machine has "
+            "none; drop --load-in-4bit (or use --dtype bfloat16)"
+        )
+
+
+def check_precision(dtype: str, load_in_4bit: bool = False) -> None:
+    """Refuse an unknown dtype, or 4-bit loading where it cannot run, before a job starts."""
+    resolve_dtype(dtype)
+    if load_in_4bit:
+        check_load_in_4bit()
+
+
+def _quantization(dtype: torch.dtype):
+    """The QLoRA quantization: NF4 with double quantization, computing in bfloat16 (float16 on a
+    GPU without bfloat16, or when asked for)."""
+    from transformers import BitsAndBytesConfig
+
+    compute = dtype if dtype in (torch.bfloat16, torch.float16) else resolve_dtype("auto")
+    if compute == torch.float32:
+        compute = torch.float16
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+    )
+
+
+def load_base(
+    base: str, dtype: str | torch.dtype = "auto", load_in_4bit: bool = False
+) -> torch.nn.Module:
+    """The base causal LM in eval mode on the job's device, its weights in dtype (or 4-bit)."""
+    if load_in_4bit:
+        check_load_in_4bit()
+    torch_dtype = resolve_dtype(dtype)
     path = resolve_model(base)
+    kwargs: dict = {"dtype": torch_dtype}
+    if load_in_4bit:  # bitsandbytes places the quantized weights itself
+        kwargs["quantization_config"] = _quantization(torch_dtype)
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         raise PrefloopError(f"cannot load base model {base!r} ({path}): {exc}") from exc
-    return model.to(device()).eval()
+    if not load_in_4bit:
+        model = model.to(device())
+    return model.eval()
 
 
-def load_version(base: str, adapter_dir: Path | None, trainable: bool = False) -> torch.nn.Module:
-    """The base model with a model version's adapter applied (None: the base model)."""
-    model = load_base(base)
+def prepare_for_training(
+    model: torch.nn.Module, *, load_in_4bit: bool = False, gradient_checkpointing: bool = False
+) -> torch.nn.Module:
+    """The base model made ready for an adapter to train on it (before the adapter is added):
+    4-bit models through peft's k-bit preparation, gradient checkpointing when asked."""
+    if load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        return prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    if gradient_checkpointing:
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.enable_input_require_grads()  # the frozen embeddings' output must carry grad
+    return model
+
+
+def upcast_trainable(model: torch.nn.Module) -> torch.nn.Module:
+    """Trainable parameters (LoRA weights, heads) in float32, so their updates and the
+    optimizer state keep full precision over a low-precision base."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return model
+
+
+def load_version(
+    base: str,
+    adapter_dir: Path | None,
+    trainable: bool = False,
+    *,
+    dtype: str | torch.dtype = "auto",
+    load_in_4bit: bool = False,
+    gradient_checkpointing: bool = False,
+) -> torch.nn.Module:
+    """The base model with a model version's adapter applied (None: the base model); with
+    trainable, made ready to train (see prepare_for_training) and its adapter in float32."""
+    if adapter_dir is not None and not Path(adapter_dir).exists():
+        raise PrefloopError(f"adapter folder {adapter_dir} is missing from the workspace")
+    model = load_base(base, dtype, load_in_4bit)
+    if trainable:
+        model = prepare_for_training(
+            model, load_in_4bit=load_in_4bit, gradient_checkpointing=gradient_checkpointing
+        )
     if adapter_dir is None:
         return model
     from peft import PeftModel
 
-    if not Path(adapter_dir).exists():
-        raise PrefloopError(f"adapter folder {adapter_dir} is missing from the workspace")
-    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    return upcast_trainable(model) if trainable else model
 
 
 def prompt_ids(

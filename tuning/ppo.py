@@ -47,6 +47,7 @@ from tuning.train_loop import (
     Method,
     StepCallback,
     TrainResult,
+    lora_config,
     make_guard,
     policy_model,
     setup,
@@ -145,22 +146,16 @@ def ppo_model(
 ) -> PolicyCritic:
     """The policy (a fresh adapter or a version's) with a fresh critic adapter of the same
     shape and a value head, on one copy of the base."""
-    from peft import LoraConfig
-
     lm = policy_model(base, cfg, init_adapter, load)
-    lora = LoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules=list(cfg.lora.target_modules),
-        task_type="CAUSAL_LM",
-    )
-    lm.add_adapter(CRITIC, lora)
+    lm.add_adapter(CRITIC, lora_config(cfg))
     lm.set_adapter(POLICY)
     hidden = int(lm.get_input_embeddings().weight.shape[1])
     head = new_head(hidden).to(next(lm.parameters()).device)
     model = PolicyCritic(lm, head, critic_dir)
     model.set_trainable()
+    from tuning.modeling import upcast_trainable
+
+    upcast_trainable(model)  # the critic's adapter and the value head too
     return model
 
 

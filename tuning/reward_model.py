@@ -25,7 +25,15 @@ from tuning.batching import GroupTokens, collate, last_token_hidden
 from tuning.config import RMConfig
 from tuning.losses import reward_listwise_loss, reward_metrics, reward_pairwise_loss
 from tuning.modeling import completion_ids, load_tokenizer, prompt_ids
-from tuning.train_loop import Method, StepCallback, TrainResult, new_adapter, setup, train
+from tuning.train_loop import (
+    Method,
+    StepCallback,
+    TrainResult,
+    loading,
+    new_adapter,
+    setup,
+    train,
+)
 
 HEAD_FILE = "reward_head.safetensors"
 ADAPTER = "reward"  # the adapter's name when it shares a base model with a policy
@@ -119,7 +127,7 @@ def reward_model_to_train(base: str, cfg: RMConfig, init_adapter: Path | None) -
     from tuning.modeling import load_version
 
     if init_adapter is not None:
-        lm = load_version(base, init_adapter, trainable=True)
+        lm = load_version(base, init_adapter, trainable=True, **loading(cfg))
         head = load_head(init_adapter)
     else:
         lm = new_adapter(base, cfg)
@@ -144,7 +152,10 @@ def attach_reward_model(base_model: torch.nn.Module, adapter_dir: Path) -> Rewar
 
 
 def load_reward_model(
-    ws: storedb.Workspace, version: str, base_model: torch.nn.Module | None = None
+    ws: storedb.Workspace,
+    version: str,
+    base_model: torch.nn.Module | None = None,
+    dtype: str = "auto",
 ) -> tuple[RewardModel, object, dict]:
     """A reward version loaded for scoring, its tokenizer and its row; a policy is refused."""
     from tuning.modeling import load_version
@@ -156,7 +167,7 @@ def load_reward_model(
     if base_model is not None:
         model = attach_reward_model(base_model, folder)
     else:
-        lm = load_version(base, folder)
+        lm = load_version(base, folder, dtype=dtype)
         model = RewardModel(lm, load_head(folder).to(next(lm.parameters()).device)).eval()
         model.requires_grad_(False)
     return model, load_tokenizer(info["base_model"] or base), info
@@ -202,14 +213,17 @@ def score_texts(
 
 
 def load_scorer(
-    ws: storedb.Workspace, version: str, base_model: torch.nn.Module | None = None
+    ws: storedb.Workspace,
+    version: str,
+    base_model: torch.nn.Module | None = None,
+    dtype: str = "auto",
 ) -> Scorer:
     """Batched rewards of a reward version: f(prompts, completions) -> one float each.
 
     With base_model (a loaded base or a policy's PeftModel) the reward adapter is added to it,
     so the weights are shared; otherwise the base model is loaded. A policy version is refused.
     """
-    model, tokenizer, info = load_reward_model(ws, version, base_model)
+    model, tokenizer, info = load_reward_model(ws, version, base_model, dtype)
     max_length = int((info["config"] or {}).get("max_length", 512))
 
     def score(prompts: list[str], completions: list[str]) -> list[float]:
@@ -255,9 +269,9 @@ def reward_version_of(spec: str) -> str | None:
     return version
 
 
-def reward_judge(ws: storedb.Workspace, spec: str) -> RewardJudge:
-    """The judge an "rm:VERSION" spec names."""
-    return RewardJudge(load_scorer(ws, reward_version_of(spec) or spec))
+def reward_judge(ws: storedb.Workspace, spec: str, dtype: str = "auto") -> RewardJudge:
+    """The judge an "rm:VERSION" spec names, its base weights in dtype."""
+    return RewardJudge(load_scorer(ws, reward_version_of(spec) or spec, dtype=dtype))
 
 
 # -- training ----------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ def sample_round(
     limit_threads()
     tokenizer = load_tokenizer(base)
     adapter = models.adapter_dir(ws, info) if info else None
-    model = load_version(base, adapter)
+    model = load_version(base, adapter, dtype=cfg.dtype, load_in_4bit=cfg.load_in_4bit)
     generator = HFGenerator(model, tokenizer)
     records = todo.to_dict("records")
     results: list[tuple[int, list]] = []

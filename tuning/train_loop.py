@@ -318,21 +318,39 @@ def make_optimizer(model, cfg: TrainSettings, total_steps: int):
     return params, optimizer, scheduler
 
 
-def new_adapter(base: str, cfg: TrainSettings, load: Callable | None = None):
-    """The base model with a fresh LoRA adapter of cfg.lora's shape."""
-    from peft import LoraConfig, get_peft_model
+def loading(cfg: TrainSettings) -> dict:
+    """The keyword arguments of load_version that a run's precision and memory settings ask
+    for (dtype, 4-bit, gradient checkpointing)."""
+    return {
+        "dtype": cfg.dtype,
+        "load_in_4bit": cfg.load_in_4bit,
+        "gradient_checkpointing": cfg.gradient_checkpointing,
+    }
 
-    from tuning.modeling import load_version
 
-    load = load or load_version
-    lora = LoraConfig(
+def lora_config(cfg: TrainSettings):
+    """peft's LoraConfig of cfg.lora's shape."""
+    from peft import LoraConfig
+
+    return LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
-        target_modules=list(cfg.lora.target_modules),
+        target_modules=cfg.lora.peft_target_modules(),
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(load(base, None), lora)
+
+
+def new_adapter(base: str, cfg: TrainSettings, load: Callable | None = None):
+    """The base model (in cfg's dtype, ready to train) with a fresh float32 LoRA adapter of
+    cfg.lora's shape."""
+    from peft import get_peft_model
+
+    from tuning.modeling import load_version, upcast_trainable
+
+    load = load or load_version
+    model = get_peft_model(load(base, None, True, **loading(cfg)), lora_config(cfg))
+    return upcast_trainable(model)
 
 
 def policy_model(
@@ -343,7 +361,7 @@ def policy_model(
 
     load = load or load_version
     if init_adapter is not None:
-        return load(base, init_adapter, trainable=True)
+        return load(base, init_adapter, trainable=True, **loading(cfg))
     return new_adapter(base, cfg, load)
 
 
