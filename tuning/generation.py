@@ -85,10 +85,18 @@ class HFGenerator:
             return_dict_in_generate=True,
             output_logits=True,
         )
-        new = out.sequences[:, width:].cpu()
-        # raw logits, so log-probs are at temperature 1 whatever the sampling settings were
-        logps = torch.stack([F.log_softmax(step.float(), -1) for step in out.logits], 1).cpu()
-        token_logps = logps.gather(-1, new[:, : logps.shape[1], None]).squeeze(-1)
+        new = out.sequences[:, width:]
+        # raw logits, so log-probs are at temperature 1 whatever the sampling settings were;
+        # gathered step by step so no second (rows, steps, vocab) tensor is ever made
+        token_logps = torch.stack(
+            [
+                F.log_softmax(step.float(), -1).gather(-1, new[:, t, None]).squeeze(-1)
+                for t, step in enumerate(out.logits)
+            ],
+            1,
+        ).cpu()
+        del out
+        new = new.cpu()
         results: list[list[Sample]] = []
         for row in range(new.shape[0]):
             tokens = new[row].tolist()
