@@ -85,10 +85,10 @@ def test_two_rounds_with_the_defaults_improve_the_model_without_breaking_it(
         destructive_setting_is_caught(results["dpo"], s)
     if failed["grpo"]:
         # Known and reported (issue 8 stays open): with the SFT term (--sft-weight 0.5) GRPO's
-        # round-2 version keeps its language (bench/defaults_sweep.py, shorter taste, seed 0:
-        # 2% broken, drift +0.06; 15% broken without it), but its guarded win-rate, 0.575 of 40,
-        # has a Wilson low under 0.5 (lr 5e-3: 0.625, 5% broken; 10 epochs: no change). Kept as
-        # an expected failure so the goal stays measured in every run until the defaults meet it.
+        # round 1 keeps its language, but round 2 (--from v1, lr 3e-3) breaks 45% of the guard's
+        # answers in its first epoch, so the guard keeps v1 and the round learns nothing
+        # (without the term round 2 learned and broke 15% of held-out answers). Kept as an
+        # expected failure so the goal stays measured in every run until the defaults meet it.
         pytest.xfail(f"GRPO defaults miss the goal for the {taste} taste: {failed['grpo']}")
 
 
@@ -113,6 +113,9 @@ def goal_failures(taste: str, res: MethodResult, s: LoopSettings) -> list[str]:
         f"fluency drift {d2['fluency_drift']:+.2f} <= {FLUENCY_DRIFT_MAX}": d2["fluency_drift"]
         <= FLUENCY_DRIFT_MAX,
         "not won by breaking": not d2["won_by_breaking"],
+        "every round learned (kept a trained epoch)": all(
+            versions[row.version]["config"]["training"]["kept_epoch"] >= 1 for row in res.rounds
+        ),
         "every version promoted": all(
             versions[row.version]["promoted"] and versions[row.version]["gate"]["passed"]
             for row in res.rounds
@@ -142,7 +145,8 @@ def records(res: MethodResult) -> None:
         assert info["parent"] == (res.rounds[i - 1].version if i else None), info
         training = info["config"]["training"]
         assert len(training["guard"]) == training["epochs_run"] or training["stopped_by"]
-        assert training["kept_epoch"] >= 1, training
+        # 0: the guard kept the starting adapter (a goal failure, counted in goal_failures)
+        assert 0 <= training["kept_epoch"] <= training["epochs_run"], training
         labelled += row.labelled
         with db.connect(workspace(res.workspace)) as con:
             steps = store_runs.run_metrics(con, tunes[row.version]["id"])
