@@ -8,7 +8,8 @@ held-out prompts with a judge of the same taste (tests/rounds_harness.py drives 
 
 Per setting, over tastes and seeds: the guarded win-rate after the last round (a broken answer
 never wins) with its Wilson 95% interval, the broken share, the fluency drift (NLL per token
-under π_ref of the version's answers minus π_ref's own), KL per token, distinct-2 and wall time.
+under π_ref of the version's answers minus π_ref's own), KL per token, distinct-2, wall time
+and the epoch each round kept (0: the guard kept the starting adapter; the round learned nothing).
 The best setting is the one with the highest mean guarded win-rate among those whose broken
 share stays ≤ 5% for every taste and seed.
 
@@ -116,7 +117,8 @@ def main() -> int:
                     f"{taste:<7} seed {seed} {label:<14} guarded win {row['win']:.3f} "
                     f"(raw {row['raw']:.3f}) broken {row['broken']:.0%} drift "
                     f"{row['drift']:+.2f} KL {row['kl']:.3f} d2 {row['distinct2']:.2f} "
-                    f"{row['wall']:.0f}s",
+                    f"{row['wall']:.0f}s kept epochs "
+                    f"{kept_epochs(res.workspace, [r.version for r in res.rounds])}",
                     flush=True,
                 )
             if not args.keep:
@@ -124,6 +126,17 @@ def main() -> int:
     print(f"\nall done in {time.perf_counter() - t_all:.0f}s\n")
     print(summary(rows, settings))
     return 0
+
+
+def kept_epochs(workspace: Path, versions: list[str]) -> str:
+    """The epoch each round's run kept, e.g. "3/0" (0: the guard kept the starting adapter, so
+    the round learned nothing and its win-rate is the parent's)."""
+    from tests.rounds_harness import Cli
+
+    models = {m["id"]: m for m in Cli(workspace).json("models", "list", "--json")}
+    return "/".join(
+        str(models[v]["config"].get("training", {}).get("kept_epoch", "?")) for v in versions
+    )
 
 
 def side_by_side(workspace: Path, round_ids: list[int], n: int) -> str:
