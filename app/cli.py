@@ -558,8 +558,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
-    from app.cli_judge import add_dtype_option
-    from app.config_options import add_config_options, add_method_options
+    from app.config_options import add_config_options, add_dtype_option, add_method_options
     from tuning.config import METHOD_CONFIGS, SamplingConfig
 
     common = argparse.ArgumentParser(add_help=False)

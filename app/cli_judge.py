@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from app import json_out
+from app.config_options import add_dtype_option
 from store.errors import PrefloopError
 
 SHOW = {"on": True, "off": False}
@@ -145,15 +146,6 @@ def _register_judges(sub, add) -> None:
     p.add_argument("--json", action="store_true")
     p = add("remove", cmd_judges_remove, "unregister a judge (its stored results stay)", grp)
     p.add_argument("name", metavar="NAME")
-
-
-def add_dtype_option(p: argparse.ArgumentParser) -> None:
-    """--dtype of a command that loads models outside the config dataclasses (eval, judge)."""
-    from tuning.config import DTYPE_HELP, DTYPES
-
-    p.add_argument(
-        "--dtype", default=DTYPES[0], choices=DTYPES, help=f"{DTYPE_HELP} (default: {DTYPES[0]})"
-    )
 
 
 def register(sub, add) -> None:

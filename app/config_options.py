@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Any
 
 from store.errors import PrefloopError
-from tuning.config import field_types, settings_from_values
+from tuning.config import DTYPE_HELP, DTYPES, field_types, settings_from_values
 
 NONE_WORDS = ("none", "None", "null")
 
@@ -257,3 +257,11 @@ def read_config_file(path: str) -> dict:
 def flags(options: Iterable[ConfigOption]) -> str:
     """The options' flags, comma-separated, for messages."""
     return ", ".join(opt.flag for opt in options)
+
+
+def add_dtype_option(p: argparse.ArgumentParser) -> None:
+    """--dtype of a command whose options are not generated from a config dataclass (eval,
+    judge)."""
+    p.add_argument(
+        "--dtype", default=DTYPES[0], choices=DTYPES, help=f"{DTYPE_HELP} (default: {DTYPES[0]})"
+    )

@@ -25,6 +25,7 @@ from store.errors import PrefloopError
 from tuning.batching import collate, per_candidate, token_hidden, token_logps
 from tuning.config import PPOConfig
 from tuning.grpo import _padded
+from tuning.modeling import upcast_trainable
 from tuning.online import (
     ADAPTIVE_START_BETA,
     RolloutGroup,
@@ -153,8 +154,6 @@ def ppo_model(
     head = new_head(hidden).to(next(lm.parameters()).device)
     model = PolicyCritic(lm, head, critic_dir)
     model.set_trainable()
-    from tuning.modeling import upcast_trainable
-
     upcast_trainable(model)  # the critic's adapter and the value head too
     return model
 
