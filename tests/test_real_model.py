@@ -151,16 +151,21 @@ def records(res: MethodResult) -> None:
         with db.connect(workspace(res.workspace)) as con:
             steps = store_runs.run_metrics(con, tunes[row.version]["id"])
         per_epoch = math.ceil(labelled / 4)
-        assert len(steps) == training["epochs_run"] * per_epoch, (len(steps), training)
-        assert steps["guard/kl_per_token"].notna().sum() == len(training["guard"])
+        backoffs = training["backoffs"]  # attempts restarted at half the rate
+        epochs = training["epochs_run"] + sum(b["epochs_run"] for b in backoffs)
+        assert len(steps) == epochs * per_epoch, (len(steps), training)
+        checks = len(training["guard"]) + sum(len(b["guard"]) for b in backoffs)
+        assert steps["guard/kl_per_token"].notna().sum() == checks
+        assert training["lr"] == info["config"]["lr"] / 2 ** len(backoffs), training
         names = ("loss", "rewards/accuracies") if res.method == "dpo" else ("loss", "kl")
         for name in names:
             assert steps[name].notna().all(), (name, steps.columns)
 
 
 def destructive_setting_is_caught(res: MethodResult, s: LoopSettings) -> None:
-    """DPO from round 2's version at lr 2e-2 without the SFT term: the guard stops it after epoch
-    1 and keeps the starting adapter, the gate refuses a version that learned nothing; without the
+    """DPO from round 2's version at lr 2e-2 without the SFT term: the guard stops its first epoch
+    at 2e-2 and at each of the default two restarts at half the rate and keeps the starting
+    adapter, the gate refuses a version that learned nothing; without the
     guard the gate refuses the broken version, `prefloop eval` and the Evaluation page mark it as
     won by breaking the model, and `prefloop sample` stays on the parent and says why."""
     cli = Cli(res.workspace, s.env)
@@ -171,6 +176,8 @@ def destructive_setting_is_caught(res: MethodResult, s: LoopSettings) -> None:
     training = info["config"]["training"]
     print(f"destructive run with the guard: {json.dumps(training)[:600]}")
     assert training["stopped_by"] == "guard" and training["kept_epoch"] == 0, training
+    assert [b["lr"] for b in training["backoffs"]] == [2e-2, 1e-2], training
+    assert training["lr"] == 5e-3 and training["epochs_run"] == 1, training
     last = training["guard"][-1]
     assert last["kl_per_token"] > info["config"]["kl_budget"] or last["broken_share"] > 0.05
     assert not info["promoted"] and "nothing was learned" in info["gate"]["reasons"][0]

@@ -134,6 +134,13 @@ class TrainSettings:
     guard_max_new_tokens: int = setting(
         48, help="per-epoch guard: most tokens generated per guard sample"
     )
+    # measured (bench/defaults_sweep.py): GRPO's round 2 from a trained adapter at the rate that
+    # suits a fresh one broke 30-60% of the guard's answers in its first epoch
+    lr_backoffs: int = setting(
+        2,
+        help="per-epoch guard: when an epoch breaks the budget before any epoch was kept, start "
+        "again from the starting adapter at half the learning rate, up to this many times",
+    )
     # the promotion gate at the end of the run: held-out prompts sampled (k=2) to judge it
     gate_prompts: int = setting(
         16, help="promotion gate: held-out prompts sampled at the end of the run to judge it"

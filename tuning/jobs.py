@@ -259,7 +259,8 @@ def gate_verdict(
     if kept_epoch == 0:
         reasons.append(
             "no epoch stayed within the guard's budget, so nothing was learned (the starting "
-            "adapter was kept); lower --lr or raise --beta"
+            f"adapter was kept, after {cfg.lr_backoffs} restarts at half the rate); lower --lr "
+            "or raise --beta"
         )
     if accuracy is not None:
         gate["preference_accuracy"] = accuracy
@@ -399,6 +400,8 @@ def _policy_run(
             "stopped_by": result.stopped_by,
             "guard": result.guard,
             "guard_split": guard_split,
+            "lr": result.backoffs[-1]["lr"] / 2 if result.backoffs else cfg.lr,
+            "backoffs": result.backoffs,
             **{k: v for k, v in beta.items() if k != "beta"},
         }
         (run_dir / "final_metrics.json").write_text(
@@ -644,6 +647,14 @@ def gate_text(gate) -> str:
 def gate_summary(version: str, gate: dict, result=None) -> str:
     """One or two lines for the user: the gate's verdict and what to do about a failure."""
     parts = []
+    for backoff in getattr(result, "backoffs", None) or []:
+        last = backoff["guard"][-1]
+        parts.append(
+            f"at lr {backoff['lr']:g} epoch {backoff['epochs_run']} broke the guard's budget "
+            f"before any epoch was kept (KL/token {last['kl_per_token']:.3f}, broken "
+            f"{last['broken_share']:.0%}): started again from the starting adapter at lr "
+            f"{backoff['lr'] / 2:g}"
+        )
     if result is not None and result.stopped_by == "guard":
         last = result.guard[-1]
         parts.append(

@@ -87,6 +87,9 @@ class TrainResult:
     guard: list[dict] = field(default_factory=list)  # per-epoch guard reports
     gate: GuardReport | None = None  # the guard measured on the kept adapter, gate_prompts
     last_step: dict[str, float] = field(default_factory=dict)  # the last step's metrics
+    # attempts abandoned because their first epoch already broke the guard's budget, each
+    # restarted from the starting adapter at half the rate: {"lr", "epochs_run", "guard"}
+    backoffs: list[dict] = field(default_factory=list)
 
 
 # what training changes: LoRA weights, a reward model's scalar head, PPO's value head
@@ -144,6 +147,7 @@ def train(
     reports: list[dict] = []
     measured: dict[int, GuardReport] = {}  # epoch -> the guard's report, to reuse for the gate
     stopped_by = None
+    backoffs: list[dict] = []  # attempts the guard abandoned before any epoch was kept
 
     step, batches, epochs_run, logged = 0, 0, 0, {}
     order_rng = random.Random(cfg.seed)
@@ -158,7 +162,7 @@ def train(
             "optimizer": raw_optimizer.state_dict(), "scheduler": raw_scheduler.state_dict(),
             "method_state": dict(method.state), "logged": logged, "kept_epoch": kept_epoch,
             "kept_state": kept_state, "best_score": best_score, "since_best": since_best,
-            "reports": reports,
+            "reports": reports, "backoffs": backoffs,
         }  # fmt: skip
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
@@ -182,18 +186,19 @@ def train(
             torch.cuda.set_rng_state_all(resume["cuda_rng"])
         kept_epoch, kept_state = resume["kept_epoch"], resume["kept_state"]
         best_score, since_best = resume["best_score"], resume["since_best"]
-        reports = resume["reports"]
+        reports, backoffs = resume["reports"], resume.get("backoffs", [])
         epochs_run = first_epoch
 
     bar_total = steps_per_epoch * cfg.epochs if online else total
     bar = tqdm(total=bar_total, desc=method.name, unit="step", disable=not (show_progress and main))
     bar.update(batches if online else step)
-    for epoch in range(first_epoch, cfg.epochs):
+    epoch, mid_epoch = first_epoch, resume is not None
+    while epoch < cfg.epochs:
         # -- one epoch: shuffled batches of groups, each process trains its share ------------
-        if epoch != first_epoch or resume is None:
+        if not mid_epoch:
             order = list(range(len(groups)))
             order_rng.shuffle(order)
-        for s in range(first_s if epoch == first_epoch else 0, steps_per_epoch):
+        for s in range(first_s if mid_epoch else 0, steps_per_epoch):
             ids = order[s * batch_size : (s + 1) * batch_size]
             chunk = [groups[i] for i in ids[rank::world]] or [groups[ids[0]]]
             batches += 1
@@ -253,7 +258,8 @@ def train(
                 every = checkpoint.every if checkpoint is not None else 0
                 if main and every > 0 and batches % every == 0:
                     save_checkpoint(epoch, s)
-        epochs_run = epoch + 1
+        mid_epoch = False
+        epochs_run = epoch = epoch + 1
         if not checking:
             kept_epoch = epochs_run
             continue
@@ -264,6 +270,17 @@ def train(
             measured[epochs_run] = report
             reports.append({"epoch": epochs_run, **report.to_dict()})
             log(batches if online else step, {**report.metrics("guard"), "epoch": epochs_run})
+            if not report.within and kept_epoch == 0 and len(backoffs) < cfg.lr_backoffs:
+                # -- back off: nothing kept yet, so start again from the starting adapter at
+                # half the rate (a continued adapter moves far faster than a fresh one) -------
+                lr = raw_scheduler.base_lrs[0]
+                backoffs.append({"lr": lr, "epochs_run": epochs_run, "guard": reports})
+                unwrapped.load_state_dict(kept_state, strict=False)
+                restart_schedule(raw_optimizer, raw_scheduler, lr / 2)
+                reports, epoch, epochs_run = [], 0, 0
+                measured.clear()
+                bar.reset(total=bar_total)
+                continue
             if not report.within:
                 stopped_by = "guard"
                 break
@@ -300,7 +317,7 @@ def train(
     accelerator.wait_for_everyone()
     if main:
         unwrapped.save_pretrained(str(out_dir))
-    return TrainResult(final, epochs_run, kept_epoch, stopped_by, reports, gate, logged)
+    return TrainResult(final, epochs_run, kept_epoch, stopped_by, reports, gate, logged, backoffs)
 
 
 def _rng_tuple(state) -> tuple:
@@ -316,6 +333,16 @@ def make_optimizer(model, cfg: TrainSettings, total_steps: int):
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     return params, optimizer, scheduler
+
+
+def restart_schedule(optimizer: torch.optim.Optimizer, scheduler, lr: float) -> None:
+    """Start `optimizer` afresh at peak rate `lr`: no moments, the warm-up from its first step."""
+    optimizer.state.clear()
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    scheduler.last_epoch = 0
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["lr"] = lr * factor(0)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def loading(cfg: TrainSettings) -> dict:
