@@ -163,21 +163,22 @@ def records(res: MethodResult) -> None:
 
 
 def destructive_setting_is_caught(res: MethodResult, s: LoopSettings) -> None:
-    """DPO from round 2's version at lr 2e-2 without the SFT term: the guard stops its first epoch
-    at 2e-2 and at each of the default two restarts at half the rate and keeps the starting
-    adapter, the gate refuses a version that learned nothing; without the
+    """DPO from round 2's version at lr 2e-2 without the SFT term and without the guard's restarts
+    at half the rate (tests/test_guard_gate.py checks those; GRPO's round 2 uses them): the guard
+    stops it after epoch 1 and keeps the starting adapter, the gate refuses a version that learned
+    nothing; without the
     guard the gate refuses the broken version, `prefloop eval` and the Evaluation page mark it as
     won by breaking the model, and `prefloop sample` stays on the parent and says why."""
     cli = Cli(res.workspace, s.env)
     parent = res.rounds[-1].version
-    destroy = ("--from", parent, "--lr", "2e-2", "--sft-weight", "0", "--epochs", "2", "--quiet")
+    destroy = ("--from", parent, "--lr", "2e-2", "--sft-weight", "0", "--epochs", "2",
+               "--lr-backoffs", "0", "--quiet")  # fmt: skip
     guarded_version = last_line(cli("tune", *destroy))
     info = {m["id"]: m for m in cli.json("models", "list", "--json")}[guarded_version]
     training = info["config"]["training"]
     print(f"destructive run with the guard: {json.dumps(training)[:600]}")
     assert training["stopped_by"] == "guard" and training["kept_epoch"] == 0, training
-    assert [b["lr"] for b in training["backoffs"]] == [2e-2, 1e-2], training
-    assert training["lr"] == 5e-3 and training["epochs_run"] == 1, training
+    assert training["backoffs"] == [] and training["lr"] == 2e-2, training
     last = training["guard"][-1]
     assert last["kl_per_token"] > info["config"]["kl_budget"] or last["broken_share"] > 0.05
     assert not info["promoted"] and "nothing was learned" in info["gate"]["reasons"][0]

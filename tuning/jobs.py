@@ -257,10 +257,10 @@ def gate_verdict(
     else:
         gate["unmeasured"] = "no prompts to sample (gate_prompts 0)"
     if kept_epoch == 0:
+        restarts = f", after {cfg.lr_backoffs} restarts at half the rate" if cfg.lr_backoffs else ""
         reasons.append(
             "no epoch stayed within the guard's budget, so nothing was learned (the starting "
-            f"adapter was kept, after {cfg.lr_backoffs} restarts at half the rate); lower --lr "
-            "or raise --beta"
+            f"adapter was kept{restarts}); lower --lr or raise --beta"
         )
     if accuracy is not None:
         gate["preference_accuracy"] = accuracy
