@@ -166,9 +166,9 @@ def destructive_setting_is_caught(res: MethodResult, s: LoopSettings) -> None:
     """DPO from round 2's version at lr 2e-2 without the SFT term and without the guard's restarts
     at half the rate (tests/test_guard_gate.py checks those; GRPO's round 2 uses them): the guard
     stops it after epoch 1 and keeps the starting adapter, the gate refuses a version that learned
-    nothing; without the
-    guard the gate refuses the broken version, `prefloop eval` and the Evaluation page mark it as
-    won by breaking the model, and `prefloop sample` stays on the parent and says why."""
+    nothing; without the guard the gate refuses the broken version, `prefloop eval` and the
+    Evaluation page mark it as won by breaking the model, and `prefloop sample` stays on the
+    parent and says why."""
     cli = Cli(res.workspace, s.env)
     parent = res.rounds[-1].version
     destroy = ("--from", parent, "--lr", "2e-2", "--sft-weight", "0", "--epochs", "2",

@@ -400,7 +400,7 @@ def _policy_run(
             "stopped_by": result.stopped_by,
             "guard": result.guard,
             "guard_split": guard_split,
-            "lr": result.backoffs[-1]["lr"] / 2 if result.backoffs else cfg.lr,
+            "lr": result.lr if result.lr is not None else cfg.lr,
             "backoffs": result.backoffs,
             **{k: v for k, v in beta.items() if k != "beta"},
         }

@@ -90,6 +90,7 @@ class TrainResult:
     # attempts abandoned because their first epoch already broke the guard's budget, each
     # restarted from the starting adapter at half the rate: {"lr", "epochs_run", "guard"}
     backoffs: list[dict] = field(default_factory=list)
+    lr: float | None = None  # the peak learning rate of the attempt that was kept
 
 
 # what training changes: LoRA weights, a reward model's scalar head, PPO's value head
@@ -317,7 +318,10 @@ def train(
     accelerator.wait_for_everyone()
     if main:
         unwrapped.save_pretrained(str(out_dir))
-    return TrainResult(final, epochs_run, kept_epoch, stopped_by, reports, gate, logged, backoffs)
+    return TrainResult(
+        final, epochs_run, kept_epoch, stopped_by, reports, gate, logged, backoffs,
+        lr=raw_scheduler.base_lrs[0],
+    )  # fmt: skip
 
 
 def _rng_tuple(state) -> tuple:
