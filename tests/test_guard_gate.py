@@ -91,7 +91,8 @@ def test_a_run_past_its_kl_budget_is_stopped_kept_unpromoted_and_sampling_stays_
                             "--max-new-tokens", 4, "--json"))])  # fmt: skip
     out, err = capsys.readouterr()
     assert code == 0 and json.loads(out.splitlines()[-1])["model_version"] == "v1", err
-    assert "sampling from v1: v3 failed its promotion gate (KL per token" in err
+    assert "sampling from v1: v3 failed its promotion gate (" in err
+    assert "KL per token 0." in err and "> budget 0.005" in err, err
     assert "prefloop models promote v3 --force" in err
 
     # promotion needs --force, which is recorded

@@ -112,6 +112,29 @@ def _tiny_rollout(tiny_model_dir: Path, cfg: PPOConfig):
     return model, tok, groups
 
 
+def test_the_samplers_log_probs_stand_in_for_a_forward_pass_over_the_samples(tiny_model_dir):
+    """π_old comes from the log-probs recorded while sampling (no second pass), and they are what
+    a forward pass gives; a sample cut to fit max_length gets the forward pass instead."""
+    from tuning.grpo import _fill
+
+    cfg = PPOConfig(k=2, max_new_tokens=6)
+    model, tok, groups = _tiny_rollout(tiny_model_dir, cfg)
+    sampled = [g.old for g in groups]
+    for g, old in zip(groups, sampled, strict=True):
+        assert [t.tolist() for t in old] == [s.token_logps for s in g.samples]
+    model.lm.eval()
+    _fill(model.lm, groups, "old", tok.pad_token_id, cfg)
+    for g, old in zip(groups, sampled, strict=True):
+        for a, b in zip(old, g.old, strict=True):
+            assert a.shape == b.shape and torch.allclose(a, b, atol=1e-4), (a, b)
+
+    short = PPOConfig(k=2, max_new_tokens=6, max_length=len(groups[0].prompt.ids) + 3)
+    fill_logprobs(model.lm, groups, tok.pad_token_id, short)
+    lengths = [s.n_tokens for s in groups[0].samples]
+    assert max(lengths) > 3  # so one sample is cut: the forward pass covers what is kept
+    assert [len(t) for t in groups[0].old] == [min(3, n) for n in lengths]
+
+
 def test_one_minibatch_update_lowers_the_clipped_objective_and_the_value_loss(tiny_model_dir):
     from tuning.ppo import ppo_loss
     from tuning.train_loop import make_optimizer

@@ -98,3 +98,41 @@ def test_generator_logprobs_are_temperature_one_and_stop_tokens_end_samples(
     gen.stop_ids = [first[0][0].token_ids[0]]
     stopped = gen.generate(prompts[:1], 2, max_new_tokens=8, temperature=0, top_p=1, seed=0)
     assert all(s.finish_reason == "eos" and s.n_tokens == 1 for s in stopped[0])
+
+
+def test_generator_matches_transformers_generate_greedily_and_its_nucleus_narrows(
+    default_model_dir: Path,
+):
+    """The hand-written decoding loop (shared prefill, rows leaving as they stop) writes what
+    `transformers.generate` writes for the same prompts, and its top-p keeps the top token."""
+    tok = load_tokenizer(str(default_model_dir))
+    model = load_base(str(default_model_dir))
+    gen = HFGenerator(model, tok)
+    texts = ["Say hi.", "Name two colours that go well together, please.", "Why?"]
+    prompts = [prompt_ids(tok, t, None) for t in texts]
+    # a stop token that greedy decoding reaches early on one prompt: rows then leave at
+    # different steps, and the rows still running must not notice
+    first = gen.generate(prompts, 1, max_new_tokens=12, temperature=0, top_p=1, seed=0)
+    others = set(first[0][0].token_ids) | set(first[2][0].token_ids)
+    gen.stop_ids = [next(t for t in first[1][0].token_ids[1:] if t not in others)]
+    ours = gen.generate(prompts, 2, max_new_tokens=12, temperature=0, top_p=1, seed=0)
+    assert any(s.finish_reason == "eos" for g in ours for s in g)
+    assert any(s.finish_reason == "length" for g in ours for s in g)
+
+    width = max(map(len, prompts))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        ref = model.generate(
+            input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12,
+            eos_token_id=gen.stop_ids, pad_token_id=tok.pad_token_id, temperature=None,
+            top_p=None, top_k=None,
+        )[:, width:].tolist()  # fmt: skip
+    for group, expected in zip(ours, ref, strict=True):
+        for s in group:
+            assert s.token_ids == expected[: s.n_tokens], (s.token_ids, expected)
+            assert s.n_tokens == len(expected) or expected[s.n_tokens] == tok.pad_token_id
+
+    # a nucleus this narrow holds only the most likely token: sampling is then greedy
+    narrow = gen.generate(prompts, 2, max_new_tokens=12, temperature=1.0, top_p=1e-6, seed=5)
+    assert [[s.token_ids for s in g] for g in narrow] == [[s.token_ids for s in g] for g in ours]

@@ -70,7 +70,7 @@ class SamplingConfig:
     temperature: float = setting(0.8, help="sampling temperature")
     top_p: float = setting(0.95, help="nucleus sampling: keep the top-p probability mass")
     seed: int = setting(0, help="random seed of the sampler")
-    prompts_per_batch: int = setting(8, help="prompts generated together in one batch")
+    prompts_per_batch: int = setting(16, help="prompts generated together in one batch")
     split: str = setting("train", help="which prompts to sample", choices=SPLITS)
     limit: int | None = setting(None, help="sample only the first N prompts of the split")
     dtype: str = setting("auto", help=DTYPE_HELP, choices=DTYPES)

@@ -138,10 +138,29 @@ def fill_logprobs(model, groups: list[RolloutGroup], pad_id: int, cfg: PolicySet
     """π_old (the policy as it sampled) and π_ref (adapter disabled) per token of each sample."""
     was_training = model.training
     model.eval()
-    _fill(model, groups, "old", pad_id, cfg)
+    if _sampled_logps_exact(model, groups, cfg.max_length):
+        # the sampler's own log-probs are π_old's: no second forward pass over the samples
+        for g in groups:
+            g.old = [torch.tensor(s.token_logps) for s in g.samples]
+    else:
+        _fill(model, groups, "old", pad_id, cfg)
     with model.disable_adapter():
         _fill(model, groups, "ref", pad_id, cfg)
     model.train(was_training)
+
+
+def _sampled_logps_exact(model, groups: list[RolloutGroup], max_length: int) -> bool:
+    """Whether the log-probs recorded while sampling are what a forward pass over the samples
+    would give: float32 weights (bf16's cached decoding differs from a full pass by more than
+    the clipping should absorb) and no sample cut to fit max_length."""
+    head = model.get_output_embeddings()
+    if head is None or head.weight.dtype != torch.float32:
+        return False
+    return all(
+        len(s.token_logps) == len(c) and len(g.tokens.prompt) + len(c) <= max_length
+        for g in groups
+        for s, c in zip(g.samples, g.tokens.completions, strict=True)
+    )
 
 
 def set_advantages(
