@@ -851,7 +851,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=1234, help="the same seed samples both versions")
     p.add_argument("--beta", type=float, help="implicit-reward β (default: the version's)")
-    add_dtype_option(p)
+    add_dtype_option(
+        p,
+        "; auto samples the answers as `sample` does (bfloat16 on a CPU with native bf16 units) "
+        "and scores them in float32 on a CPU",
+    )
     p.add_argument("--json", action="store_true")
 
     ev = sub.add_parser("evals", help="evaluation results").add_subparsers(

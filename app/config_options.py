@@ -259,9 +259,12 @@ def flags(options: Iterable[ConfigOption]) -> str:
     return ", ".join(opt.flag for opt in options)
 
 
-def add_dtype_option(p: argparse.ArgumentParser) -> None:
+def add_dtype_option(p: argparse.ArgumentParser, note: str = "") -> None:
     """--dtype of a command whose options are not generated from a config dataclass (eval,
-    judge)."""
+    judge); note: what the command does with it beyond DTYPE_HELP."""
     p.add_argument(
-        "--dtype", default=DTYPES[0], choices=DTYPES, help=f"{DTYPE_HELP} (default: {DTYPES[0]})"
+        "--dtype",
+        default=DTYPES[0],
+        choices=DTYPES,
+        help=f"{DTYPE_HELP}{note} (default: {DTYPES[0]})",
     )

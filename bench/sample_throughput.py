@@ -13,9 +13,11 @@ sampled token's log-probability at temperature 1 (what GRPO, PPO and the stored 
   rows leave the batch and its cache).
 
 Figures: generated tokens per second (stop tokens counted, padding not), completions per second,
-mean completion length, and the ratio hf / generate measured in the same run. Loading the model
-is not timed. The engines draw different random numbers, so their completions differ; the
-greedy-equality check is in tests/test_sampling.py.
+mean completion length, and the ratio hf / generate measured in the same run. With `--dtype
+float32,bfloat16` both engines run in each precision (interleaved) and the run also prints hf
+bf16 / hf float32: what `prefloop sample --dtype auto` gains on a CPU with native bf16 units.
+Loading the model is not timed. The engines draw different random numbers, so their completions
+differ; the greedy-equality check is in tests/test_sampling.py.
 
 Run:  .venv/bin/python bench/sample_throughput.py --prompts 32 --k 4 --max-new-tokens 80
 """
@@ -123,7 +125,11 @@ def main() -> int:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=1, help="runs per engine (the best is kept)")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument(
+        "--dtype",
+        default="float32",
+        help="float32, bfloat16, or both comma-separated (each engine runs in each)",
+    )
     ap.add_argument("--model", default=None, help="model folder (default: prefloop's default)")
     args = ap.parse_args()
 
@@ -133,34 +139,49 @@ def main() -> int:
     from tuning.modeling import limit_threads, load_base, load_tokenizer, prompt_ids
     from tuning.models_cache import ensure_default_model
 
+    dtypes = args.dtype.split(",")
+    if not set(dtypes) <= {"float32", "bfloat16"}:
+        ap.error("--dtype: float32, bfloat16 or float32,bfloat16")
     limit_threads()
     model_dir = str(args.model or ensure_default_model())
     tokenizer = load_tokenizer(model_dir)
-    model = load_base(model_dir, dtype=args.dtype)
     prompts = [prompt_ids(tokenizer, t, None) for t in demo_prompts(args.prompts)]
-    ours = HFGenerator(model, tokenizer)
-    engines = {"generate": generate_engine(model, tokenizer, ours.stop_ids), "hf": ours}
+    engines = {}
+    for dtype in dtypes:
+        ours = HFGenerator(load_base(model_dir, dtype=dtype), tokenizer)
+        engines[("generate", dtype)] = generate_engine(ours.model, tokenizer, ours.stop_ids)
+        engines[("hf", dtype)] = ours
+        measure(ours, prompts[: args.batch][:2], args)  # warm-up, untimed
     print(
         f"{args.prompts} prompts x K={args.k}, <= {args.max_new_tokens} new tokens, "
         f"{args.batch} prompts per batch, T={args.temperature} top-p={args.top_p}, "
         f"{args.dtype}, {torch.get_num_threads()} threads, model {model_dir}"
     )
-    measure(ours, prompts[: args.batch][:2], args)  # warm-up, untimed
-    results: dict[str, dict] = {}
+    results: dict[tuple[str, str], dict] = {}
     for _ in range(args.repeat):
-        for name in ENGINES:  # interleaved, so a slower moment of the machine hits both
-            r = measure(engines[name], prompts, args)
-            if name not in results or r["wall_s"] < results[name]["wall_s"]:
-                results[name] = r
-    print(f"{'engine':<10} {'wall s':>8} {'tokens/s':>9} {'completions/s':>14} {'mean len':>9}")
-    for name in ENGINES:
-        r = results[name]
+        for key, engine in engines.items():  # interleaved: a slower moment hits every engine
+            r = measure(engine, prompts, args)
+            if key not in results or r["wall_s"] < results[key]["wall_s"]:
+                results[key] = r
+    print(
+        f"{'engine':<10} {'dtype':<9} {'wall s':>8} {'tokens/s':>9} {'completions/s':>14} "
+        f"{'mean len':>9}"
+    )
+    for (name, dtype), r in results.items():
         print(
-            f"{name:<10} {r['wall_s']:>8.1f} {r['tokens_per_s']:>9.1f} "
+            f"{name:<10} {dtype:<9} {r['wall_s']:>8.1f} {r['tokens_per_s']:>9.1f} "
             f"{r['completions_per_s']:>14.2f} {r['mean_length']:>9.1f}"
         )
-    ratio = results["hf"]["tokens_per_s"] / results["generate"]["tokens_per_s"]
-    print(f"hf / generate tokens per second: {ratio:.2f}x")
+    for dtype in dtypes:
+        ratio = (
+            results[("hf", dtype)]["tokens_per_s"] / results[("generate", dtype)]["tokens_per_s"]
+        )
+        print(f"hf / generate tokens per second ({dtype}): {ratio:.2f}x")
+    if len(dtypes) == 2:
+        ratio = (
+            results[("hf", "bfloat16")]["tokens_per_s"] / results[("hf", "float32")]["tokens_per_s"]
+        )
+        print(f"hf bfloat16 / hf float32 tokens per second: {ratio:.2f}x")
     return 0
 
 

@@ -79,7 +79,62 @@ def test_bf16_sampling_makes_a_round(ws, capsys):
         info = rounds.get_round(con, round_id)
         groups = rounds.groups(con, round_id=round_id)
     assert info["settings"]["dtype"] == "bfloat16"
+    assert info["settings"]["weights_dtype"] == "bfloat16"
     assert len(groups) == 2 and all(len(g.texts) == 2 for g in groups)
+
+
+def test_auto_samples_in_bf16_only_where_the_cpu_multiplies_bf16(ws, capsys, monkeypatch):
+    """--dtype auto: a round is sampled in bf16 on a CPU with AMX / AVX512-BF16 (what the round
+    records), in float32 on one without; training and scoring stay float32 on a CPU."""
+    from tuning import modeling
+
+    monkeypatch.setattr(modeling, "device", lambda: torch.device("cpu"))
+    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(modeling, "cpu_has_native_bf16", lambda native=native: native)
+        assert modeling.decoding_dtype("auto") is expected
+        assert modeling.decoding_dtype("float32") is torch.float32
+        assert modeling.resolve_dtype("auto") is torch.float32
+    monkeypatch.undo()
+
+    out = cli(capsys, "sample", "-w", ws.root, "--model", "base", "--k", 2,
+              "--max-new-tokens", 4, "--limit", 1, "--json")  # fmt: skip
+    with db.connect(ws) as con:
+        settings = rounds.get_round(con, json.loads(out)["id"])["settings"]
+    assert settings["dtype"] == "auto"
+    want = "float32" if torch.cuda.is_available() else None
+    native = modeling.cpu_has_native_bf16()
+    assert settings["weights_dtype"] == (want or ("bfloat16" if native else "float32"))
+
+
+def test_bf16_decoding_keeps_the_default_models_next_token_distribution(default_model_dir):
+    """Sampling in bf16 draws from (almost) float32's distribution: along sampled answers of
+    the default model the per-token KL(float32 ‖ bf16) stays far under any KL budget (measured
+    ~0.0015 nats/token; versions are held to 0.05-0.6), and the greedy token rarely changes."""
+    from tuning.generation import HFGenerator
+    from tuning.modeling import load_tokenizer, prompt_ids
+
+    tok = load_tokenizer(str(default_model_dir))
+    m32 = load_base(str(default_model_dir), "float32")
+    m16 = load_base(str(default_model_dir), "bfloat16")
+    texts = ["How do volcanoes form?", "Give me a tip for better sleep.", "What is a verb?"]
+    prompts = [prompt_ids(tok, t, None) for t in texts]
+    groups = HFGenerator(m16, tok).generate(
+        prompts, 2, max_new_tokens=40, temperature=1.0, top_p=1.0, seed=0
+    )
+    kls, agree, n = [], 0, 0
+    for p, group in zip(prompts, groups, strict=True):
+        for s in group:
+            ids = torch.tensor([p + s.token_ids])
+            with torch.no_grad():
+                l32 = torch.log_softmax(m32(ids).logits[0, len(p) - 1 : -1].float(), -1)
+                l16 = torch.log_softmax(m16(ids).logits[0, len(p) - 1 : -1].float(), -1)
+            kls.append((l32.exp() * (l32 - l16)).sum(-1))
+            agree += int((l32.argmax(-1) == l16.argmax(-1)).sum())
+            n += len(s.token_ids)
+    kl = torch.cat(kls)
+    assert n >= 60
+    assert float(kl.mean()) < 0.01, float(kl.mean())
+    assert agree / n > 0.9, agree / n
 
 
 def test_gradient_checkpointing_trains_to_the_same_loss(ws, float32_run):

@@ -30,6 +30,11 @@ DTYPE_HELP = (
     "dtype of the base model's weights: auto (bfloat16 on a CUDA GPU that supports it, else "
     "float32), float32, bfloat16 or float16; LoRA weights, log-probs and losses stay float32"
 )
+SAMPLE_DTYPE_HELP = (
+    "dtype of the base model's weights while sampling: auto (bfloat16 on a CUDA GPU that "
+    "supports it or on a CPU with native bf16 units, AMX or AVX512-BF16; else float32), float32, "
+    "bfloat16 or float16; the sampled tokens' log-probs are computed in float32"
+)
 LOAD_IN_4BIT_HELP = (
     "QLoRA: load the base weights in 4 bits (bitsandbytes NF4, double quantization, bfloat16 "
     "compute); needs a CUDA GPU and `pip install bitsandbytes`"
@@ -73,7 +78,7 @@ class SamplingConfig:
     prompts_per_batch: int = setting(16, help="prompts generated together in one batch")
     split: str = setting("train", help="which prompts to sample", choices=SPLITS)
     limit: int | None = setting(None, help="sample only the first N prompts of the split")
-    dtype: str = setting("auto", help=DTYPE_HELP, choices=DTYPES)
+    dtype: str = setting("auto", help=SAMPLE_DTYPE_HELP, choices=DTYPES)
     load_in_4bit: bool = setting(False, help=LOAD_IN_4BIT_HELP)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -54,7 +54,9 @@ class EvalConfig:
     top_p: float = 0.95
     seed: int = 1234
     beta: float | None = None  # implicit-reward β (default: the version's training β)
-    dtype: str = "auto"  # the models' weights (sampled versions, π_ref and a model judge)
+    # the models' weights (sampled versions, π_ref and a model judge); auto samples the answers
+    # as `sample` does (bfloat16 on a CPU with native bf16) and scores them in float32 on a CPU
+    dtype: str = "auto"
 
     def sampling(self) -> SamplingConfig:
         """The sampling settings both versions share."""
@@ -72,9 +74,9 @@ class EvalConfig:
 
 def _round_for(ws: storedb.Workspace, version: str, cfg: SamplingConfig) -> int:
     """A round of this version with exactly these settings: reused if sampled before."""
-    from tuning.sampling import sample_round
+    from tuning.sampling import round_settings, sample_round
 
-    wanted = {**asdict(cfg), "model_version": version}
+    wanted = round_settings(cfg, version)
     with storedb.connect(ws) as con:
         df = rounds.list_rounds(con)
     for row in df.itertuples():

@@ -57,6 +57,27 @@ def resolve_dtype(name: str | torch.dtype = "auto") -> torch.dtype:
     return dtypes[name]
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AMX tiles or AVX512-BF16)."""
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def decoding_dtype(name: str | torch.dtype = "auto") -> torch.dtype:
+    """The dtype a sampling job loads its weights in: as resolve_dtype, except that auto is also
+    bfloat16 on a CPU with native bf16 units, where decoding runs ~1.6x faster and the next-token
+    distribution stays within ~0.002 nats/token of float32's (README "Precision and memory").
+    Training and scoring keep resolve_dtype's float32 on a CPU."""
+    if name == "auto" and device().type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return resolve_dtype(name)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """A torch dtype as its --dtype name (torch.bfloat16 -> "bfloat16")."""
+    return str(dtype).removeprefix("torch.")
+
+
 def check_load_in_4bit() -> None:
     """Refuse 4-bit loading where bitsandbytes cannot run, before anything loads."""
     if importlib.util.find_spec("bitsandbytes") is None:

@@ -13,6 +13,15 @@ from store.rounds import CandidateRecord
 from tuning.config import SamplingConfig
 
 
+def round_settings(cfg: SamplingConfig, version: str) -> dict:
+    """What a round stores as its settings: the config, the version sampled and the dtype its
+    weights were loaded in (what --dtype auto chose on this machine)."""
+    from tuning.modeling import decoding_dtype, dtype_name
+
+    weights = "4bit" if cfg.load_in_4bit else dtype_name(decoding_dtype(cfg.dtype))
+    return {**asdict(cfg), "model_version": version, "weights_dtype": weights}
+
+
 def sample_round(
     ws: storedb.Workspace,
     cfg: SamplingConfig,
@@ -27,7 +36,13 @@ def sample_round(
     options: the round's labelling options (mode, overlap, guidelines; see rounds.RoundOptions).
     """
     from tuning.generation import HFGenerator
-    from tuning.modeling import limit_threads, load_tokenizer, load_version, prompt_ids
+    from tuning.modeling import (
+        decoding_dtype,
+        limit_threads,
+        load_tokenizer,
+        load_version,
+        prompt_ids,
+    )
 
     if cfg.k < 1 or cfg.max_new_tokens < 1:
         raise PrefloopError("--k and --max-new-tokens must be at least 1")
@@ -46,7 +61,8 @@ def sample_round(
     limit_threads()
     tokenizer = load_tokenizer(base)
     adapter = models.adapter_dir(ws, info) if info else None
-    model = load_version(base, adapter, dtype=cfg.dtype, load_in_4bit=cfg.load_in_4bit)
+    dtype = decoding_dtype(cfg.dtype)
+    model = load_version(base, adapter, dtype=dtype, load_in_4bit=cfg.load_in_4bit)
     generator = HFGenerator(model, tokenizer)
     records = todo.to_dict("records")
     results: list[tuple[int, list]] = []
@@ -75,7 +91,7 @@ def sample_round(
             with storedb.connect(ws) as con:
                 runs.heartbeat(con, run_id, {"completions": len(results) * cfg.k}, len(results))
     bar.close()
-    settings = {**asdict(cfg), "model_version": version}
+    settings = round_settings(cfg, version)
     with storedb.connect(ws) as con:
         round_id = rounds.create_round(con, version, cfg.split, cfg.k, settings, "sampled")
         if options:
