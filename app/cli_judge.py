@@ -22,7 +22,7 @@ def _load(args: argparse.Namespace, ws):
         from tuning.modeling import limit_threads
         from tuning.models_cache import DEFAULT_MODEL
 
-        limit_threads()  # leave a core for the web server while the judge reads every pair
+        limit_threads(ws)  # a core is left for the web server while it serves ws
         cfg = EvalConfig(
             judge="llm", judge_model=args.judge_model, rubric=args.rubric, dtype=args.dtype
         )
@@ -33,7 +33,7 @@ def _load(args: argparse.Namespace, ws):
         from tuning.modeling import limit_threads
         from tuning.reward_model import reward_judge
 
-        limit_threads()
+        limit_threads(ws)
         return reward_judge(ws, args.judge, args.dtype), args.judge
     return load_suggestion_judge(resolve_judge(ws, args.judge)), args.judge
 

@@ -23,6 +23,7 @@ the defaults.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import sys
@@ -89,7 +90,8 @@ def main() -> int:
                 seed=seed,
                 tune_args=settings,
                 taste=taste,
-                env={"PREFLOOP_THREADS": "1"},
+                # settings side by side share the cores (a job alone takes them all)
+                env={"PREFLOOP_THREADS": str(max(1, (os.cpu_count() or 2) // args.jobs))},
             )
             out = base / f"{taste}-seed{seed}"
             results, errors = run_loop(out, list(settings), s, jobs=args.jobs, log=lambda _m: None)

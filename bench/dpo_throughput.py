@@ -20,13 +20,13 @@ Process CPU seconds are printed too: on a shared machine they are steadier than 
 
 Fairness: both run in the same precision (`--dtype float32`, the default, or `--dtype bfloat16`:
 the base weights in bf16, TRL also with bf16=True) with the same torch thread count (default:
-prefloop's own, one core left free). TRL's gradient checkpointing (on by default in TRL) is
-turned off, as prefloop does not use it (`--trl-gradient-checkpointing` turns it back on). TRL
-gets its fastest batching for the device by default: micro-batches of one pair with gradient
-accumulation on a CPU (no padding across pairs), a whole step per batch on a GPU; `--trl-
-batch/--trl-accum` override. The bench checks that TRL's tokenised pairs are exactly prefloop's
-token ids, and evaluates the TRL-trained adapter with prefloop's end-of-run loss (untimed) as a
-sanity check.
+one core left free, as prefloop's jobs beside the web app). TRL's gradient checkpointing (on by
+default in TRL) is turned off, as prefloop does not use it (`--trl-gradient-checkpointing` turns
+it back on). TRL gets its fastest batching for the device by default: micro-batches of one pair
+with gradient accumulation on a CPU (no padding across pairs), a whole step per batch on a GPU;
+`--trl-batch/--trl-accum` override. The bench checks that TRL's tokenised pairs are exactly
+prefloop's token ids, and evaluates the TRL-trained adapter with prefloop's end-of-run loss
+(untimed) as a sanity check.
 
 Run:  .venv/bin/python bench/dpo_throughput.py --groups 16 --k 4 --max-length 512 --repeat 1
 """
@@ -377,7 +377,8 @@ def main() -> int:
         "--threads",
         type=int,
         default=max(1, (os.cpu_count() or 2) - 1),
-        help="torch threads for both (default: prefloop's own, one core left free)",
+        help="torch threads for both (default: one core left free, as prefloop's jobs beside the "
+        "web app)",
     )
     parser.add_argument("--model", default=None, help="model folder (default: prefloop's default)")
     parser.add_argument("--only", choices=["prefloop", "trl"], default=None)

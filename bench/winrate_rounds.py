@@ -26,9 +26,8 @@ $PREFLOOP_JUDGE_MAX_NEW_TOKENS (set for the eval subprocesses).
 Goal: after the last round, the Wilson 95% lower bound of the win-rate against π_ref is above 0.5
 for every method.
 
-The methods run concurrently by default (`--jobs 2`): prefloop's jobs use one core less than the
-machine has, so on a 2-core machine each job uses one thread either way; step wall times are
-per process and include any contention.
+The methods run concurrently by default (`--jobs 2`), each with cores ÷ jobs torch threads
+($PREFLOOP_THREADS); step wall times are per process and include any contention.
 
 Run:  .venv/bin/python bench/winrate_rounds.py --prompts 32 --k 4 --max-new-tokens 48 --rounds 2 \
           --methods dpo,grpo [--keep DIR]
@@ -37,6 +36,7 @@ Run:  .venv/bin/python bench/winrate_rounds.py --prompts 32 --k 4 --max-new-toke
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -83,6 +83,8 @@ def main() -> int:
         eval_k=args.eval_k,
         seed=args.seed,
         tune_args={m: given[m] if given[m] is not None else TUNE_ARGS[m] for m in TUNE_ARGS},
+        # jobs side by side share the cores (a job alone with no web app takes them all)
+        env={"PREFLOOP_THREADS": str(max(1, (os.cpu_count() or 2) // args.jobs))},
     )
 
     if args.keep:

@@ -381,6 +381,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def serving(ws: db.Workspace) -> bool:
+    """Whether a live process (the web app, perhaps this one) owns ws's database."""
+    record = _read_record(ws)
+    pid = int(record.get("pid") or 0) if record else 0
+    return pid > 0 and _alive(pid)
+
+
 def own(ws: db.Workspace, *, serve: bool = True) -> Owner:
     """Make this process the owner of ws's database (once; later calls return the same owner)."""
     key = str(ws.db_path.resolve())

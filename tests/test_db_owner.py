@@ -225,3 +225,45 @@ def test_the_web_app_started_by_serve_owns_the_database(tmp_path, monkeypatch):
     finally:
         owner.release(ws)
     assert not (ws.root / owner.OWNER_FILE).exists()
+
+
+def test_a_job_leaves_a_core_only_while_the_web_app_serves_its_workspace(tmp_path, monkeypatch):
+    """A CLI job with no web app running uses every core; while another process owns the
+    workspace (`prefloop serve`), one core is left to it; accelerate's processes share the
+    cores out; $PREFLOOP_THREADS overrides all of it."""
+    import torch
+
+    from tuning import modeling
+
+    ws = make_workspace(tmp_path / "ws")
+    cores = os.cpu_count() or 2
+    before = torch.get_num_threads()
+    monkeypatch.delenv("PREFLOOP_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(modeling, "_SERVED", None)
+    try:
+        modeling.limit_threads()  # no workspace known yet: leave the core
+        assert torch.get_num_threads() == max(1, cores - 1)
+        modeling.limit_threads(ws)
+        assert torch.get_num_threads() == cores
+        modeling.limit_threads()  # later calls in the job (the trainer's setup) keep the choice
+        assert torch.get_num_threads() == cores
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        modeling.limit_threads(ws)
+        assert torch.get_num_threads() == max(1, cores // 2)
+        monkeypatch.delenv("LOCAL_WORLD_SIZE")
+
+        proc = start_owner(ws)
+        try:
+            modeling.limit_threads(ws)
+            assert torch.get_num_threads() == max(1, cores - 1)
+            monkeypatch.setenv("PREFLOOP_THREADS", "3")
+            modeling.limit_threads(ws)
+            assert torch.get_num_threads() == 3
+        finally:
+            stop_owner(proc)
+        monkeypatch.delenv("PREFLOOP_THREADS")
+        modeling.limit_threads(ws)  # the app stopped: every core again
+        assert torch.get_num_threads() == cores
+    finally:
+        torch.set_num_threads(before)

@@ -184,9 +184,10 @@ def sample_job(
 def eval_job(ws: storedb.Workspace, version: str, cfg) -> dict:
     """Evaluate a version as a tracked job; returns the results."""
     from tuning.evaluation import evaluate
-    from tuning.modeling import check_precision
+    from tuning.modeling import check_precision, limit_threads
 
     check_precision(cfg.dtype)
+    limit_threads(ws)
     with storedb.connect(ws) as con:
         runs.record_dead(con)
         models.get_version(con, version, models.POLICY)
@@ -295,9 +296,10 @@ def tune_job(
     """Freeze (or reuse) a dataset version, train an adapter on it, register the new version,
     and run its promotion gate."""
     from labeling.curation import freeze_dataset
-    from tuning.modeling import check_precision
+    from tuning.modeling import check_precision, limit_threads
 
     check_precision(cfg.dtype, cfg.load_in_4bit)  # before a dataset, a run or a model
+    limit_threads(ws)
     rank = int(os.environ.get("RANK", "0"))  # set by `accelerate launch` for each process
     if method not in METHOD_CONFIGS:
         raise PrefloopError(
@@ -450,10 +452,12 @@ def resume_job(ws: storedb.Workspace, run_id: int, show_progress: bool = True) -
     import socket
 
     from store import rounds
+    from tuning.modeling import limit_threads
     from tuning.train_loop import load_checkpoint
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise PrefloopError("--resume runs in one process; run it without `accelerate launch`")
+    limit_threads(ws)
     with storedb.connect(ws) as con:
         runs.record_dead(con)
         row = runs.get_run(con, run_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
@@ -14,14 +15,32 @@ from store.errors import PrefloopError
 from tuning.config import DTYPES
 from tuning.models_cache import resolve_model
 
+if TYPE_CHECKING:
+    from store.db import Workspace
+
 hf_logging.disable_progress_bar()
 
 
-def limit_threads() -> None:
-    """Leave one core for the web server and other processes."""
+# whether the web app serves the running job's workspace (None: no workspace named yet)
+_SERVED: bool | None = None
+
+
+def limit_threads(ws: Workspace | None = None) -> None:
+    """Torch threads for a job: $PREFLOOP_THREADS when set; else every core, but one left for
+    the web server while it serves the job's workspace (or while the workspace is unknown),
+    shared out among the processes `accelerate launch` started on this machine."""
+    global _SERVED
+    if ws is not None:
+        from store.owner import serving
+
+        _SERVED = serving(ws)
     wanted = os.environ.get("PREFLOOP_THREADS")
-    n = int(wanted) if wanted else max(1, (os.cpu_count() or 2) - 1)
-    torch.set_num_threads(n)
+    cores = os.cpu_count() or 2
+    if wanted:
+        torch.set_num_threads(int(wanted))
+        return
+    free = cores if _SERVED is False else cores - 1
+    torch.set_num_threads(max(1, free // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def device() -> torch.device:

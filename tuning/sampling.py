@@ -58,7 +58,7 @@ def sample_round(
         )
     if cfg.limit:
         todo = todo.head(cfg.limit)
-    limit_threads()
+    limit_threads(ws)
     tokenizer = load_tokenizer(base)
     adapter = models.adapter_dir(ws, info) if info else None
     dtype = decoding_dtype(cfg.dtype)
