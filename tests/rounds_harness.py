@@ -19,9 +19,10 @@ subprocess with the repository root as the working directory, as a user would:
   count at the limit) or empty completion lowest; its limit comes from
   $PREFLOOP_JUDGE_MAX_NEW_TOKENS, which the harness sets for the eval subprocesses.
 
-Methods run concurrently (`jobs`): prefloop's jobs use one core less than the machine has, so on a
-2-core machine each job uses one thread either way; step wall times are per process and include
-any contention.
+Methods run concurrently (`jobs`); the caller gives each its share of the cores through
+$PREFLOOP_THREADS in `LoopSettings.env` (a prefloop job alone takes every core), and round 1's two
+samples, which run side by side, get half the cores each. Step wall times are per process and
+include any contention.
 """
 
 from __future__ import annotations
@@ -320,7 +321,9 @@ def prepare_shared(ws: Path, s: LoopSettings) -> tuple[int, dict, dict]:
     """A workspace with the prompts, round 1 sampled from the base model and labelled, and the
     base model's held-out evaluation round (`prefloop eval` reuses a round sampled with its
     settings), sampled concurrently."""
-    cli = Cli(ws, s.env)
+    cores = os.cpu_count() or 2
+    threads = min(int(s.env.get("PREFLOOP_THREADS") or cores), max(1, cores // 2))
+    cli = Cli(ws, {**s.env, "PREFLOOP_THREADS": str(threads)})  # two samples side by side
     cli("init")
     cli("prompts", "import", str(TRAIN_PROMPTS), "--split", "train")
     cli("prompts", "import", str(HELDOUT_PROMPTS), "--split", "heldout")

@@ -18,7 +18,7 @@ from store import db, evals, rounds
 from store.records import LabelRecord
 from store.rounds import CandidateRecord
 from tests.cli_helpers import cli
-from tests.fixtures_app import make_workspace
+from tests.fixtures_app import add_prompts, make_workspace
 from tests.test_app import ensure_user, sign_in
 from tests.test_evaluation import tuned_ws  # noqa: F401  (fixture)
 from tuning.config import TrainSettings
@@ -328,3 +328,40 @@ def test_evaluation_page_marks_a_version_that_won_by_breaking(tmp_path, monkeypa
     assert by_version.at["v1", "broken_share"] == 0.4 and by_version.at["v2", "broken_share"] == 0
     assert bool(by_version.at["v1", "won_by_breaking"]) is True
     assert bool(by_version.at["v2", "won_by_breaking"]) is False
+
+
+def test_answers_that_dodge_the_question_are_broken_on_the_default_model(
+    tmp_path: Path, default_model_dir: Path
+) -> None:
+    """Held-out answers that two rounds of the `shorter` taste produced on the default model
+    (tests/data/shorter_taste_answers.json): the short dodges ("Please go ahead and write the
+    note." for a note, "A morning of lazy breakfast sounds wonderful." for a breakfast) and the
+    repetitions won the annotator's taste; the fluency measure must count them as broken
+    against π_ref's own answers to the same prompts, and the fluent on-topic answers not."""
+    data = json.loads((Path(__file__).parent / "data" / "shorter_taste_answers.json").read_text())
+    ws = make_workspace(tmp_path / "ws", base_model=str(default_model_dir))
+    texts = list(dict.fromkeys(r["prompt"] for r in data["pi_ref"]))
+    ids = dict(zip(texts, add_prompts(ws, texts, split="heldout"), strict=True))
+    round_ids = {}
+    with db.connect(ws) as con:
+        for side in ("pi_ref", "version"):
+            rid = rounds.create_round(con, "base", "heldout", 4, {}, "test")
+            for prompt in texts:
+                cands = [
+                    CandidateRecord(r["text"], finish_reason=r["finish"])
+                    for r in data[side]
+                    if r["prompt"] == prompt
+                ]
+                if cands:
+                    rounds.add_group(con, rid, ids[prompt], cands)
+            round_ids[side] = rid
+    measured = measure_drift(ws, "base", round_ids["version"], round_ids["pi_ref"])
+    got = {}
+    for prompt in texts:
+        mine = [r for r in data["version"] if r["prompt"] == prompt]
+        for i, r in enumerate(mine):
+            got[r["text"]] = measured.broken[(ids[prompt], i)]
+    expected = {r["text"]: r["broken"] for r in data["version"]}
+    assert got == expected
+    assert sum(expected.values()) == 5 and len(expected) - 5 >= 25
+    assert not any(measured.broken_against.values())  # π_ref's own answers are its baseline
