@@ -136,3 +136,28 @@ def test_generator_matches_transformers_generate_greedily_and_its_nucleus_narrow
     # a nucleus this narrow holds only the most likely token: sampling is then greedy
     narrow = gen.generate(prompts, 2, max_new_tokens=12, temperature=1.0, top_p=1e-6, seed=5)
     assert [[s.token_ids for s in g] for g in narrow] == [[s.token_ids for s in g] for g in ours]
+
+
+def test_nucleus_per_row_matches_a_full_sort_for_narrow_wide_and_flat_rows():
+    """Rows whose nucleus fits in the top 64, needs the top 1024, or needs the whole vocabulary
+    each get exactly the set a full sort gives, with the same probabilities, in one batch."""
+    from tuning.generation import _nucleus
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 5000, generator=gen)
+    logits[0, :3] += 20  # peaked: a handful of tokens
+    logits[1, :200] += 6  # a nucleus of about 200 tokens
+    logits[2] *= 0.01  # nearly flat: most of the vocabulary
+    logits[3, 7] += 50  # one token holds all the mass
+    probs = torch.softmax(logits, -1)
+    for top_p in (0.5, 0.9, 0.99):
+        vals, ids = _nucleus(probs, top_p)
+        sorted_p, order = probs.sort(-1, descending=True)
+        for row in range(len(probs)):
+            before = sorted_p[row].cumsum(0) - sorted_p[row]
+            n = int((before < top_p).sum())  # the smallest prefix holding top_p
+            kept = vals[row] > 0
+            assert int(kept.sum()) == n, (row, top_p)
+            assert set(ids[row][kept].tolist()) == set(order[row, :n].tolist())
+            assert torch.allclose(vals[row][kept].sort().values, sorted_p[row, :n].sort().values)
+    assert int((_nucleus(probs, 0.99)[0][2] > 0).sum()) > 1024  # the flat row left the top 1024
