@@ -179,20 +179,12 @@ def _draw(
 
 def _nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The smallest most-likely set per row holding top_p of the mass: (its probabilities,
-    zero outside the set and in the padding; its token ids)."""
-    # the nucleus is a prefix of the sorted vocabulary: look in every row's top 64 first and
-    # only the rows it does not cover go on to their top 1024, then the whole vocabulary, since
-    # sorting every row's vocabulary for every token is most of the cost of sampling on a CPU
-    vocab = probs.shape[-1]
-    vals, ids = probs.topk(min(64, vocab), -1)
-    for width in (1024, vocab):
-        short = (vals.sum(-1) < top_p).nonzero().squeeze(-1)
-        if short.numel() == 0 or vals.shape[-1] >= vocab:
+    zero outside the set; its token ids)."""
+    # the nucleus is a prefix of the sorted vocabulary: look in the top few first, since a
+    # full sort of every row per token is most of the cost of sampling on a CPU
+    for width in (64, 1024, probs.shape[-1]):
+        vals, ids = probs.topk(min(width, probs.shape[-1]), -1)
+        if bool((vals.sum(-1) >= top_p).all()):
             break
-        width = min(width, vocab)
-        wide_vals, wide_ids = probs[short].topk(width, -1)
-        vals = F.pad(vals, (0, width - vals.shape[-1]))
-        ids = F.pad(ids, (0, width - ids.shape[-1]))
-        vals[short], ids[short] = wide_vals, wide_ids
     # drop a token when the more likely ones already reach top_p (the first always stays)
     return vals.masked_fill(vals.cumsum(-1) - vals >= top_p, 0.0), ids
