@@ -138,7 +138,7 @@ def test_generator_matches_transformers_generate_greedily_and_its_nucleus_narrow
     assert [[s.token_ids for s in g] for g in narrow] == [[s.token_ids for s in g] for g in ours]
 
 
-def test_nucleus_per_row_matches_a_full_sort_for_narrow_wide_and_flat_rows():
+def test_nucleus_matches_a_full_sort_for_narrow_wide_and_flat_rows():
     """Rows whose nucleus fits in the top 64, needs the top 1024, or needs the whole vocabulary
     each get exactly the set a full sort gives, with the same probabilities, in one batch."""
     from tuning.generation import _nucleus
