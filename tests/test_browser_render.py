@@ -11,6 +11,7 @@ from store import labels
 from tests.fixtures_app import make_workspace, seed_round
 from tests.test_browser import (  # noqa: F401 (serve and page are fixtures)
     add_account,
+    expect_ranking,
     letter_ids,
     page,
     serve,
@@ -79,10 +80,11 @@ def test_a_hostile_candidate_is_shown_safely_and_as_written(serve, page, tmp_pat
     assert box.locator("img, script, a").count() == 0
 
     # the label records the view it was given on
-    page.locator(f".st-key-rank_{letter[cids[0]]} button").click()
-    wait_idle(page)
-    page.locator(f".st-key-rank_{letter[cids[1]]} button").click()
-    wait_idle(page)
+    first, second = letter[cids[0]], letter[cids[1]]
+    page.locator(f".st-key-rank_{first} button").click()
+    expect_ranking(page, f"1. {first}")
+    page.locator(f".st-key-rank_{second} button").click()
+    expect_ranking(page, f"1. {first}  2. {second}")  # the rerun that enables Submit is over
     page.locator(".st-key-submit button").click()
     expect(page.get_by_text("Saved your ranking.")).to_be_visible()
     wait_idle(page)
