@@ -248,6 +248,8 @@ def test_config_file_as_a_version_stores_it(tmp_path):
         ('{"method": 1}', "'method' must be a string or null"),
         ('{"method": "grpo", "loss_type": "ipo"}', "must be one of grpo, bnpo, dr_grpo"),
         ('{"method": "grpo", "soft_labels": "bt"}', "unknown setting 'soft_labels'"),
+        ('{"backoff_factor": 2}', "backoff_factor must be between 0 and 1"),
+        ('{"method": "ppo", "backoff_factor": 0}', "backoff_factor must be between 0 and 1"),
     ],
 )
 def test_bad_config_files_say_what_to_fix(tmp_path, capsys, content, expected):
@@ -334,3 +336,8 @@ def test_models_config_prints_what_tune_config_re_runs(tmp_path, capsys, monkeyp
         capsys, "models", "config", "v7", "-w", ws.root
     )
     assert "no config" in cli_error(capsys, "models", "config", "base", "-w", ws.root)
+
+
+def test_a_backoff_factor_that_would_not_lower_the_rate_is_a_user_error(tmp_path, capsys):
+    err = cli_error(capsys, "tune", "-w", tmp_path, "--backoff-factor", "1.5")
+    assert "backoff_factor must be between 0 and 1 (a restart lowers the rate); got 1.5" in err

@@ -33,15 +33,16 @@ def test_a_run_past_its_kl_budget_is_stopped_kept_unpromoted_and_sampling_stays_
     assert 0 <= v1["gate"]["broken_share"] <= 1 and v1["gate"]["answers"] == 20  # 10 prompts x 2
 
     # a destructive learning rate: the guard stops epoch 1 (over the budget) before any epoch
-    # was kept, starts again from v1 at half the rate, twice (the default), each time stopped,
-    # and keeps the starting adapter, v1's; nothing was learned, so the gate does not promote it
+    # was kept, starts again from v1 at a quarter of the rate (DPO's default), twice (the
+    # default), each time stopped, and keeps the starting adapter, v1's; nothing was learned, so
+    # the gate does not promote it
     code = main([*map(str, ("tune", "-w", ws.root, "--from", "v1", "--lr", "5e-2", "--epochs", 3,
                             "--kl-budget", "0.005", "--quiet"))])  # fmt: skip
     out, err = capsys.readouterr()
     assert code == 0 and out.split()[-1] == "v2", err
     assert "the fluency guard stopped training after epoch 1" in err and "kept epoch 0" in err
-    assert "at lr 0.05 epoch 1 broke the guard's budget" in err and "at lr 0.025" in err
-    assert "started again from the starting adapter at lr 0.0125" in err
+    assert "at lr 0.05 epoch 1 broke the guard's budget" in err and "at lr 0.0125" in err
+    assert "started again from the starting adapter at lr 0.003125" in err
     with db.connect(ws) as con:
         v2 = models.get_version(con, "v2")
         run = runs.list_runs(con).iloc[0]
@@ -50,20 +51,20 @@ def test_a_run_past_its_kl_budget_is_stopped_kept_unpromoted_and_sampling_stays_
     assert training["stopped_by"] == "guard" and training["epochs_run"] == 1, training
     assert training["kept_epoch"] == 0 and len(training["guard"]) == 1, training
     assert training["guard"][0]["kl_per_token"] > 0.005 and not training["guard"][0]["within"]
-    assert [b["lr"] for b in training["backoffs"]] == [5e-2, 2.5e-2], training
+    assert [b["lr"] for b in training["backoffs"]] == [5e-2, 1.25e-2], training
     assert all(b["epochs_run"] == 1 and len(b["guard"]) == 1 for b in training["backoffs"])
-    assert training["lr"] == 1.25e-2, training
+    assert training["lr"] == 3.125e-3, training
     # three attempts of one epoch each, every step and guard check recorded
     assert steps["guard/kl_per_token"].notna().sum() == 3
     assert steps["loss"].notna().all() and len(steps) % 3 == 0, steps
     assert sorted(steps["learning_rate"].dropna().unique())[-3:] == pytest.approx(
-        [1.25e-2, 2.5e-2, 5e-2]
+        [3.125e-3, 1.25e-2, 5e-2]
     )
     assert "guard/kl_per_token" in steps.columns  # the run's page plots the per-epoch curve
     assert v2["gate"]["kl_per_token"] <= 0.005 and not v2["promoted"], v2["gate"]
     assert v2["gate"]["reasons"] == [
         "no epoch stayed within the guard's budget, so nothing was learned (the starting adapter "
-        "was kept, after 2 restarts at half the rate); lower --lr or raise --beta"
+        "was kept, after 2 restarts, each at 0.25× the last rate); lower --lr or raise --beta"
     ]
 
     # without the per-epoch guard the same run drifts past the budget: the gate refuses it

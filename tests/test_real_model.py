@@ -162,12 +162,13 @@ def records(res: MethodResult) -> None:
         with db.connect(workspace(res.workspace)) as con:
             steps = store_runs.run_metrics(con, tunes[row.version]["id"])
         per_epoch = math.ceil(labelled / 4)
-        backoffs = training["backoffs"]  # attempts restarted at half the rate
+        backoffs = training["backoffs"]  # attempts restarted at a lower rate
         epochs = training["epochs_run"] + sum(b["epochs_run"] for b in backoffs)
         assert len(steps) == epochs * per_epoch, (len(steps), training)
         checks = len(training["guard"]) + sum(len(b["guard"]) for b in backoffs)
         assert steps["guard/kl_per_token"].notna().sum() == checks
-        assert training["lr"] == info["config"]["lr"] / 2 ** len(backoffs), training
+        factor = info["config"]["backoff_factor"] ** len(backoffs)
+        assert training["lr"] == pytest.approx(info["config"]["lr"] * factor), training
         names = ("loss", "rewards/accuracies") if res.method == "dpo" else ("loss", "kl")
         for name in names:
             assert steps[name].notna().all(), (name, steps.columns)
@@ -175,7 +176,7 @@ def records(res: MethodResult) -> None:
 
 def destructive_setting_is_caught(res: MethodResult, s: LoopSettings) -> None:
     """DPO from round 2's version at lr 2e-2 without the SFT term and without the guard's restarts
-    at half the rate (tests/test_guard_gate.py checks those; GRPO's round 2 uses them): the guard
+    at a lower rate (tests/test_guard_gate.py checks those; GRPO's round 2 uses them): the guard
     stops it after epoch 1 and keeps the starting adapter, the gate refuses a version that learned
     nothing; without the guard the gate refuses the broken version, `prefloop eval` and the
     Evaluation page mark it as won by breaking the model, and `prefloop sample` stays on the

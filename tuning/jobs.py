@@ -258,7 +258,11 @@ def gate_verdict(
     else:
         gate["unmeasured"] = "no prompts to sample (gate_prompts 0)"
     if kept_epoch == 0:
-        restarts = f", after {cfg.lr_backoffs} restarts at half the rate" if cfg.lr_backoffs else ""
+        restarts = (
+            f", after {cfg.lr_backoffs} restarts, each at {cfg.backoff_factor:g}× the last rate"
+            if cfg.lr_backoffs
+            else ""
+        )
         reasons.append(
             "no epoch stayed within the guard's budget, so nothing was learned (the starting "
             f"adapter was kept{restarts}); lower --lr or raise --beta"
@@ -657,7 +661,7 @@ def gate_summary(version: str, gate: dict, result=None) -> str:
             f"at lr {backoff['lr']:g} epoch {backoff['epochs_run']} broke the guard's budget "
             f"before any epoch was kept (KL/token {last['kl_per_token']:.3f}, broken "
             f"{last['broken_share']:.0%}): started again from the starting adapter at lr "
-            f"{backoff['lr'] / 2:g}"
+            f"{backoff.get('next_lr', backoff['lr'] / 2):g}"
         )
     if result is not None and result.stopped_by == "guard":
         last = result.guard[-1]

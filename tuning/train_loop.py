@@ -272,12 +272,15 @@ def train(
             reports.append({"epoch": epochs_run, **report.to_dict()})
             log(batches if online else step, {**report.metrics("guard"), "epoch": epochs_run})
             if not report.within and kept_epoch == 0 and len(backoffs) < cfg.lr_backoffs:
-                # -- back off: nothing kept yet, so start again from the starting adapter at
-                # half the rate (a continued adapter moves far faster than a fresh one) -------
+                # -- back off: nothing kept yet, so start again from the starting adapter at a
+                # lower rate (a continued adapter moves far faster than a fresh one) ----------
                 lr = raw_scheduler.base_lrs[0]
-                backoffs.append({"lr": lr, "epochs_run": epochs_run, "guard": reports})
+                next_lr = lr * cfg.backoff_factor
+                backoffs.append(
+                    {"lr": lr, "next_lr": next_lr, "epochs_run": epochs_run, "guard": reports}
+                )
                 unwrapped.load_state_dict(kept_state, strict=False)
-                restart_schedule(raw_optimizer, raw_scheduler, lr / 2)
+                restart_schedule(raw_optimizer, raw_scheduler, next_lr)
                 reports, epoch, epochs_run = [], 0, 0
                 measured.clear()
                 bar.reset(total=bar_total)
