@@ -66,6 +66,7 @@ def setting(
     return field(default=default, default_factory=default_factory, metadata=metadata)
 
 
+BACKOFF_FACTOR_HELP = "per-epoch guard: each restart's learning rate is the last one's times this"
 KL_BUDGET_HELP = "per-epoch guard: most KL per token to π_ref an epoch may reach and be kept"
 
 
@@ -148,9 +149,7 @@ class TrainSettings:
         "again from the starting adapter at --backoff-factor × the learning rate, up to this "
         "many times",
     )
-    backoff_factor: float = setting(
-        0.5, help="per-epoch guard: each restart's learning rate is the last one's times this"
-    )
+    backoff_factor: float = setting(0.5, help=BACKOFF_FACTOR_HELP)
     # the promotion gate at the end of the run: held-out prompts sampled (k=2) to judge it
     gate_prompts: int = setting(
         16, help="promotion gate: held-out prompts sampled at the end of the run to judge it"
@@ -219,9 +218,7 @@ class DPOConfig(TrainSettings):
     # measured (bench/defaults_sweep.py, 32 prompts x K=4, 80 tokens, shorter taste, seed 0):
     # round 2 from v1 broke the guard in epoch 1 at 5e-4, 2.5e-4 and 1.25e-4, so at half the
     # rate nothing was learned; a quarter reached a rate that learned in the same three attempts
-    backoff_factor: float = setting(
-        0.25, help="per-epoch guard: each restart's learning rate is the last one's times this"
-    )
+    backoff_factor: float = setting(0.25, help=BACKOFF_FACTOR_HELP)
     early_stop: int = setting(
         0,
         help="stop after this many epochs without better held-out preference accuracy and keep "
