@@ -250,6 +250,7 @@ def test_config_file_as_a_version_stores_it(tmp_path):
         ('{"method": "grpo", "soft_labels": "bt"}', "unknown setting 'soft_labels'"),
         ('{"backoff_factor": 2}', "backoff_factor must be between 0 and 1"),
         ('{"method": "ppo", "backoff_factor": 0}', "backoff_factor must be between 0 and 1"),
+        ('{"method": "grpo", "guard_samples": 0}', "guard_samples must be at least 1; got 0"),
     ],
 )
 def test_bad_config_files_say_what_to_fix(tmp_path, capsys, content, expected):

@@ -30,7 +30,7 @@ def test_a_run_past_its_kl_budget_is_stopped_kept_unpromoted_and_sampling_stays_
     with db.connect(ws) as con:
         v1 = models.get_version(con, "v1")
     assert v1["promoted"] and v1["gate"]["passed"], v1["gate"]
-    assert 0 <= v1["gate"]["broken_share"] <= 1 and v1["gate"]["answers"] == 20  # 10 prompts x 2
+    assert 0 <= v1["gate"]["broken_share"] <= 1 and v1["gate"]["answers"] == 40  # 10 prompts x 4
 
     # a destructive learning rate: the guard stops epoch 1 (over the budget) before any epoch
     # was kept, starts again from v1 at a quarter of the rate (DPO's default), twice (the
@@ -67,9 +67,11 @@ def test_a_run_past_its_kl_budget_is_stopped_kept_unpromoted_and_sampling_stays_
         "was kept, after 2 restarts, each at 0.25× the last rate); lower --lr or raise --beta"
     ]
 
-    # without the per-epoch guard the same run drifts past the budget: the gate refuses it
+    # without the per-epoch guard the same run drifts past the budget: the gate (one answer a
+    # prompt here) refuses it
     code = main([*map(str, ("tune", "-w", ws.root, "--from", "v1", "--lr", "5e-2", "--epochs", 3,
-                            "--kl-budget", "0.005", "--guard-prompts", 0, "--quiet"))])  # fmt: skip
+                            "--kl-budget", "0.005", "--guard-prompts", 0, "--guard-samples", 1,
+                            "--quiet"))])  # fmt: skip
     out, err = capsys.readouterr()
     assert code == 0 and out.split()[-1] == "v3", err
     assert "v3 FAILED its promotion gate" in err and "prefloop models promote v3 --force" in err
@@ -77,6 +79,7 @@ def test_a_run_past_its_kl_budget_is_stopped_kept_unpromoted_and_sampling_stays_
         v3 = models.get_version(con, "v3")
     assert v3["config"]["training"]["epochs_run"] == 3 and not v3["config"]["training"]["guard"]
     assert not v3["promoted"] and v3["gate"]["passed"] is False, v3["gate"]
+    assert v3["gate"]["answers"] == 10, v3["gate"]
     assert any("KL per token" in r and "budget 0.005" in r for r in v3["gate"]["reasons"])
 
     # the table says so; sampling stays on v1 and tells the user why and what to do

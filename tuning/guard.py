@@ -11,7 +11,6 @@ from tuning.batching import GroupTokens, collate, sequence_logps
 from tuning.fluency import MAX_BROKEN_SHARE, broken_flags
 from tuning.generation import HFGenerator, Sample
 
-GUARD_K = 2
 GUARD_TEMPERATURE = 0.7  # as `prefloop eval` samples, so the figures compare
 GUARD_TOP_P = 0.95
 
@@ -42,7 +41,8 @@ class GuardReport:
 
 
 class Guard:
-    """Samples a fixed set of held-out prompts (same seed each time) and judges the answers."""
+    """Samples `samples` answers to each of a fixed set of held-out prompts (same seed each time)
+    and judges them."""
 
     def __init__(
         self,
@@ -53,9 +53,11 @@ class Guard:
         kl_budget: float,
         max_new_tokens: int,
         max_length: int,
+        samples: int,
         seed: int = 0,
     ) -> None:
         self.tokenizer = tokenizer
+        self.samples = samples
         self.prompts = prompts
         self.kl_budget = kl_budget
         self.max_new_tokens = max_new_tokens
@@ -77,7 +79,7 @@ class Guard:
         for i in range(0, len(prompts), 8):
             out += gen.generate(
                 prompts[i : i + 8],
-                GUARD_K,
+                self.samples,
                 max_new_tokens=self.max_new_tokens,
                 temperature=GUARD_TEMPERATURE,
                 top_p=GUARD_TOP_P,
@@ -130,7 +132,7 @@ class Guard:
             max_broken_share=allowed,
             answers=len(flat),
             within=kl <= self.kl_budget and share <= allowed,
-            examples=texts[::GUARD_K][:4],
+            examples=texts[:: self.samples][:4],
         )
 
 

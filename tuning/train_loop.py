@@ -23,7 +23,7 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from tuning.config import TrainSettings
-from tuning.guard import GUARD_K, Guard, GuardReport
+from tuning.guard import Guard, GuardReport
 
 StepCallback = Callable[[int, dict[str, float]], None]
 # (model, the groups of this process's share of a batch) -> (loss, metrics)
@@ -314,7 +314,7 @@ def train(
     gate = None
     if guard is not None:  # the kept epoch's guard report when it sampled every gate prompt
         gate = measured.get(kept_epoch)
-        if gate is None or gate.answers < len(guard.prompts) * GUARD_K:
+        if gate is None or gate.answers < len(guard.prompts) * guard.samples:
             gate = guard.measure(unwrapped)
 
     # -- save: the main process writes the adapter --------------------------------------------
@@ -423,5 +423,6 @@ def make_guard(
         kl_budget=cfg.kl_budget,
         max_new_tokens=cfg.guard_max_new_tokens,
         max_length=cfg.max_length,
+        samples=cfg.guard_samples,
         seed=cfg.seed,
     )
