@@ -95,12 +95,11 @@ def test_two_rounds_with_the_defaults_improve_the_model_without_breaking_it(
         destructive_setting_is_caught(results["dpo"], s)
     missed = {m: f for m, f in failed.items() if f}
     if missed:
-        # Known and reported (issue 8 stays open). GRPO: both rounds learn, but the held-out
-        # broken share (8-12% shorter) or the Wilson low (0.39 formal) misses the goal (bench
-        # sweep, README). DPO's Wilson low sits near the bound (0.47-0.56 by the draw; with the
-        # restarts at a quarter of the rate 0.56 shorter, 0.50 formal) and its broken share at
-        # or above 5%. Kept as expected failures so the goal stays measured in every run until
-        # the defaults meet it.
+        # Known and reported (issue 8 stays open). With the guard reading 40 answers, the
+        # formal taste met every check for both methods (DPO Wilson low 0.64, GRPO 0.61); the
+        # shorter taste missed on the last run: Wilson lows 0.47 (DPO) and 0.46 (GRPO, whose
+        # round 2 kept nothing), 7.5% broken each (README, Benchmarks). Kept as expected
+        # failures so the goal stays measured in every run until the defaults meet it.
         pytest.xfail(f"defaults miss the goal for the {taste} taste: {missed}")
 
 
