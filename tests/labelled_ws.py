@@ -21,8 +21,9 @@ def prefloop(*args: object) -> None:
     assert code == 0, f"prefloop {' '.join(map(str, args))} exited {code}"
 
 
-def labelled_workspace(root: Path, model_dir: Path) -> db.Workspace:
-    """A workspace on model_dir with train and held-out prompts and five ranked train groups."""
+def labelled_workspace(root: Path, model_dir: Path, texts: tuple[str, ...] = TEXTS) -> db.Workspace:
+    """A workspace on model_dir with train and held-out prompts and five train groups of
+    `texts`, each ranked in that order."""
     data = ROOT / "labeling" / "data"
     prefloop("init", "-w", root, "--model", model_dir)
     prefloop("prompts", "import", data / "demo_prompts.jsonl", "-w", root)
@@ -32,6 +33,6 @@ def labelled_workspace(root: Path, model_dir: Path) -> db.Workspace:
     with db.connect(ws) as con:
         round_id = rounds.create_round(con, "base", "train", 4, {}, "sampled")
         for p in range(1, 6):
-            gid, ids = rounds.add_group(con, round_id, p, [CandidateRecord(t) for t in TEXTS])
+            gid, ids = rounds.add_group(con, round_id, p, [CandidateRecord(t) for t in texts])
             labels.add_labels(con, [LabelRecord(gid, "ann1", [[i] for i in ids])])
     return ws

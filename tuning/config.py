@@ -68,6 +68,10 @@ def setting(
 
 BACKOFF_FACTOR_HELP = "per-epoch guard: each restart's learning rate is the last one's times this"
 KL_BUDGET_HELP = "per-epoch guard: most KL per token to π_ref an epoch may reach and be kept"
+DEMOTE_BROKEN_HELP = (
+    "rank candidates that π_ref finds broken (empty, degenerate, or more than 1 nat/token less "
+    "likely than π_ref's own answers) below every fluent one before training"
+)
 
 
 @dataclass
@@ -227,6 +231,10 @@ class DPOConfig(TrainSettings):
     # round 2 from v1 broke the guard in epoch 1 at 5e-4, 2.5e-4 and 1.25e-4, so at half the
     # rate nothing was learned; a quarter reached a rate that learned in the same three attempts
     backoff_factor: float = setting(0.25, help=BACKOFF_FACTOR_HELP)
+    # measured (bench/defaults_sweep.py, shorter taste): a fifth of round 2's top-ranked answers
+    # were broken ("Scare2023"), and training on them taught the next version to break; off
+    # until the sweep's grid has measured it beyond one seed (README)
+    demote_broken: bool = setting(False, help=DEMOTE_BROKEN_HELP)
     early_stop: int = setting(
         0,
         help="stop after this many epochs without better held-out preference accuracy and keep "
@@ -351,6 +359,7 @@ class GRPOConfig(PolicySettings):
         "Bradley–Terry probability of beating the group's other candidates)",
         choices=GAIN_SOURCES,
     )
+    demote_broken: bool = setting(False, help=DEMOTE_BROKEN_HELP + " (ranked groups, not online)")
 
     def __post_init__(self) -> None:
         super().__post_init__()

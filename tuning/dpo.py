@@ -15,6 +15,7 @@ from store.errors import PrefloopError
 from store.records import TrainingGroup
 from tuning.batching import GroupTokens, collate, sequence_logps
 from tuning.config import DPOConfig
+from tuning.fluency import demote, demotions
 from tuning.losses import dpo_loss, plackett_luce_loss, preference_loss
 from tuning.modeling import candidate_ids, load_tokenizer, load_version, prompt_ids
 from tuning.train_loop import (
@@ -38,6 +39,8 @@ class TrainGroup:
     targets: list[float] = field(default_factory=list)
     ranking: list[list[int]] = field(default_factory=list)
     ref_logps: torch.Tensor | None = None
+    texts: list[str] = field(default_factory=list)
+    rankings: list[list[list[int]]] = field(default_factory=list)  # every annotator's
 
 
 def build_groups(
@@ -50,27 +53,59 @@ def build_groups(
     are the Bradley–Terry probabilities fitted to the group's rankings (one annotator's too).
     Otherwise (soft="hard" or False) the pairs come from the consensus, each with target 1.
     """
-    mode = ("empirical" if soft else "hard") if isinstance(soft, bool) else soft
+    mode = _mode(soft)
     groups = []
     for row in rows:
-        rankings = row.rankings
-        if mode == "bt":
-            prefs = bt_preferences(rankings)
-            pairs, targets = list(prefs), list(prefs.values())
-        elif mode == "empirical" and len(rankings) > 1:
-            prefs = pair_preferences(rankings)
-            pairs, targets = list(prefs), list(prefs.values())
-        else:
-            pairs = ordered_pairs(row.ranking)
-            targets = [1.0] * len(pairs)
+        pairs, targets = _pairs(row.rankings, row.ranking, mode)
         if not pairs:
             continue
         tokens = GroupTokens(
             prompt_ids(tokenizer, row.prompt, row.messages),
             candidate_ids(tokenizer, row.texts, row.finish_reasons),
         )
-        groups.append(TrainGroup(tokens, pairs, targets, row.ranking))
+        groups.append(
+            TrainGroup(tokens, pairs, targets, row.ranking, texts=row.texts, rankings=row.rankings)
+        )
     return groups
+
+
+def _mode(soft: str | bool) -> str:
+    return ("empirical" if soft else "hard") if isinstance(soft, bool) else soft
+
+
+def _pairs(
+    rankings: list[list[list[int]]], ranking: list[list[int]], mode: str
+) -> tuple[list[tuple[int, int]], list[float]]:
+    """The ordered pairs of a group and their target probabilities (see build_groups)."""
+    if mode == "bt":
+        prefs = bt_preferences(rankings)
+        return list(prefs), list(prefs.values())
+    if mode == "empirical" and len(rankings) > 1:
+        prefs = pair_preferences(rankings)
+        return list(prefs), list(prefs.values())
+    pairs = ordered_pairs(ranking)
+    return pairs, [1.0] * len(pairs)
+
+
+def demote_broken(
+    groups: list[TrainGroup], reference_nll: list[float] | None, soft: str | bool
+) -> dict[str, float]:
+    """Rank each group's broken candidates, judged by their reference log-probs against π_ref's
+    own answers (tuning.fluency.demotions), below its fluent ones in every annotator's ranking
+    and rebuild its pairs; the counts, as run metrics."""
+    nll = [
+        (-g.ref_logps / torch.tensor([max(len(c), 1) for c in g.tokens.completions])).tolist()
+        for g in groups
+    ]
+    bads, counts = demotions(
+        nll, [g.texts for g in groups], [g.rankings for g in groups], reference_nll
+    )
+    for g, bad in zip(groups, bads, strict=True):
+        if bad:
+            g.rankings = [demote(r, bad) for r in g.rankings]
+            g.ranking = demote(g.ranking, bad)
+            g.pairs, g.targets = _pairs(g.rankings, g.ranking, _mode(soft))
+    return counts
 
 
 def _ref_cache_key(base: str, max_length: int, groups: list[TrainGroup]) -> str:
@@ -186,6 +221,11 @@ def train_dpo(
     if scoring:
         reference_logps(model, heldout, pad, cfg, None, base)
     guard = make_guard(model, tokenizer, guard_prompts, cfg)
+    data = (
+        demote_broken(groups, guard.ref_nll if guard else None, cfg.soft_labels)
+        if cfg.demote_broken
+        else {}
+    )
 
     def loss(model, chunk: list[TrainGroup]):
         batch = collate([g.tokens for g in chunk], pad, cfg.max_length).to(accelerator.device)
@@ -210,7 +250,7 @@ def train_dpo(
         patience=cfg.early_stop,
         final_metrics=lambda m: evaluate_groups(m, groups, pad, cfg),
     )
-    return train(
+    result = train(
         model,
         method,
         cfg,
@@ -220,6 +260,8 @@ def train_dpo(
         on_step=on_step,
         show_progress=show_progress,
     )
+    result.metrics.update(data)
+    return result
 
 
 @torch.no_grad()

@@ -67,6 +67,39 @@ def broken_flags(
     ]
 
 
+def demote(ranking: list[list[int]], broken: set[int]) -> list[list[int]]:
+    """The ranking with every broken candidate placed below every fluent one (each side keeps
+    its order; tiers emptied by the move are dropped)."""
+    fluent = [[c for c in tier if c not in broken] for tier in ranking]
+    demoted = [[c for c in tier if c in broken] for tier in ranking]
+    return [tier for tier in fluent + demoted if tier]
+
+
+def demotions(
+    nll_per_token: list[list[float]],
+    texts: list[list[str]],
+    rankings: list[list[list[list[int]]]],
+    reference_nll_per_token: list[float] | None,
+) -> tuple[list[set[int]], dict[str, float]]:
+    """Per group, the broken candidates to rank below its fluent ones: empty where none is
+    ranked above a fluent one by any annotator, or where every candidate is broken. Answers are
+    judged as `broken_flags` judges them, against π_ref's own answers (reference; None: the
+    median of every candidate). Also the counts, as run metrics."""
+    reference = reference_nll_per_token or [x for group in nll_per_token for x in group]
+    out, n_broken = [], 0
+    for nll, group_texts, group_rankings in zip(nll_per_token, texts, rankings, strict=True):
+        flags = broken_flags(nll, group_texts, reference)
+        bad = {i for i, f in enumerate(flags) if f}
+        n_broken += len(bad)
+        moves = 0 < len(bad) < len(flags) and any(demote(r, bad) != r for r in group_rankings)
+        out.append(bad if moves else set())
+    counts = {
+        "data/broken_candidates": float(n_broken),
+        "data/demoted_groups": float(sum(map(bool, out))),
+    }
+    return out, counts
+
+
 @dataclass
 class Fluency:
     """Fluency of a version's answers beside π_ref's own answers to the same prompts."""

@@ -4,7 +4,7 @@ optimised with a k3 KL penalty to π_ref (the base model, adapter disabled)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,6 +15,7 @@ from store.errors import PrefloopError
 from store.records import TrainingGroup
 from tuning.batching import GroupTokens, collate, per_candidate, token_logps
 from tuning.config import GRPOConfig
+from tuning.fluency import demote, demotions
 from tuning.losses import best_nll, grpo_advantages, grpo_loss
 from tuning.modeling import candidate_ids, load_tokenizer, prompt_ids
 from tuning.train_loop import (
@@ -39,6 +40,8 @@ class GRPOGroup:
     origin: str | None
     ref: list[torch.Tensor] | None = None  # per candidate, per token
     old: list[torch.Tensor] | None = None
+    texts: list[str] = field(default_factory=list)
+    rankings: list[list[list[int]]] = field(default_factory=list)  # every annotator's
 
 
 def build_grpo_groups(rows: list[TrainingGroup], tokenizer, cfg: GRPOConfig) -> list[GRPOGroup]:
@@ -46,22 +49,42 @@ def build_grpo_groups(rows: list[TrainingGroup], tokenizer, cfg: GRPOConfig) -> 
     over annotators, or with cfg.gain_source="bt" Bradley–Terry gains fitted to the rankings."""
     groups = []
     for row in rows:
-        k = len(row.texts)
-        rankings = row.rankings
-        try:
-            if cfg.gain_source == "bt":
-                gains = bt_gains(rankings, k)
-            else:
-                gains = mean_gains(rankings, k, cfg.gains)
-        except ValueError as exc:
-            raise PrefloopError(str(exc)) from None
         tokens = GroupTokens(
             prompt_ids(tokenizer, row.prompt, row.messages),
             candidate_ids(tokenizer, row.texts, row.finish_reasons),
         )
-        gains_t = torch.tensor(gains, dtype=torch.float32)
-        groups.append(GRPOGroup(tokens, gains_t, row.model_version))
+        gains = _gains(row.rankings, len(row.texts), cfg)
+        groups.append(
+            GRPOGroup(tokens, gains, row.model_version, texts=row.texts, rankings=row.rankings)
+        )
     return groups
+
+
+def _gains(rankings: list[list[list[int]]], k: int, cfg: GRPOConfig) -> torch.Tensor:
+    try:
+        if cfg.gain_source == "bt":
+            gains = bt_gains(rankings, k)
+        else:
+            gains = mean_gains(rankings, k, cfg.gains)
+    except ValueError as exc:
+        raise PrefloopError(str(exc)) from None
+    return torch.tensor(gains, dtype=torch.float32)
+
+
+def demote_broken(
+    groups: list[GRPOGroup], reference_nll: list[float] | None, cfg: GRPOConfig
+) -> dict[str, float]:
+    """Rank each group's broken candidates below its fluent ones (tuning.fluency.demotions, on
+    π_ref's log-probs) and recompute its gains; the counts, as run metrics."""
+    nll = [[-float(t.sum()) / max(len(t), 1) for t in g.ref] for g in groups]
+    bads, counts = demotions(
+        nll, [g.texts for g in groups], [g.rankings for g in groups], reference_nll
+    )
+    for g, bad in zip(groups, bads, strict=True):
+        if bad:
+            g.rankings = [demote(r, bad) for r in g.rankings]
+            g.gains = _gains(g.rankings, len(g.texts), cfg)
+    return counts
 
 
 def _padded(parts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,6 +159,7 @@ def train_grpo(
     pad = tokenizer.pad_token_id
     fixed_logprobs(model, groups, pad, cfg, adapters)
     guard = make_guard(model, tokenizer, guard_prompts, cfg)
+    data = demote_broken(groups, guard.ref_nll if guard else None, cfg) if cfg.demote_broken else {}
     max_len = max(len(c) for g in groups for c in g.tokens.completions)
     dev = accelerator.device
     state = {"beta": cfg.beta}
@@ -199,5 +223,5 @@ def train_grpo(
     )
     keys = ("loss", "kl", "clip_ratio", "entropy", "beta")
     last = result.last_step
-    result.metrics = {**{k: last[k] for k in keys if k in last}, **result.metrics}
+    result.metrics = {**{k: last[k] for k in keys if k in last}, **result.metrics, **data}
     return result

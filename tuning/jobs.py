@@ -655,6 +655,12 @@ def gate_text(gate) -> str:
 def gate_summary(version: str, gate: dict, result=None) -> str:
     """One or two lines for the user: the gate's verdict and what to do about a failure."""
     parts = []
+    demoted = int((getattr(result, "metrics", None) or {}).get("data/demoted_groups", 0))
+    if demoted:
+        parts.append(
+            f"{demoted} group(s) ranked an answer π_ref finds broken above a fluent one: trained "
+            "with the broken answers ranked last"
+        )
     for backoff in getattr(result, "backoffs", None) or []:
         last = backoff["guard"][-1]
         parts.append(
