@@ -23,6 +23,7 @@ from store.access import User
 from store.errors import PrefloopError
 from store.prompts import SPLITS
 from tuning.config import (
+    DEMOTE_BROKEN_HELP,
     DTYPES,
     DPOConfig,
     GRPOConfig,
@@ -270,6 +271,14 @@ def _tuning_form(
                 format="%.3f",
                 key="tune_target_kl",
             )
+        demote = False
+        if isinstance(default, DPOConfig) or (isinstance(default, GRPOConfig) and not online):
+            demote = c2.checkbox(
+                "Train broken favourites as the worst (--demote-broken)",
+                value=default.demote_broken,
+                key="tune_demote",
+                help=DEMOTE_BROKEN_HELP,
+            )
         if online:
             rewards = st.multiselect(
                 "Reward (llm, registered judges, reward models; summed)",
@@ -300,7 +309,11 @@ def _tuning_form(
                 )
             elif name in ("grpo", "rloo", "ppo"):
                 extra = (
-                    {"gains": gains.strip() or "linear", "sft_weight": float(sft)}
+                    {
+                        "gains": gains.strip() or "linear",
+                        "sft_weight": float(sft),
+                        "demote_broken": bool(demote),
+                    }
                     if name == "grpo"
                     else {}
                 )
@@ -313,6 +326,7 @@ def _tuning_form(
                     loss_type=loss or "sigmoid",
                     listwise=loss is None,
                     sft_weight=float(sft),
+                    demote_broken=bool(demote),
                     **common,
                 )
             args = launcher.tune_config_args(
