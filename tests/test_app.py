@@ -542,6 +542,9 @@ def test_grpo_form_passes_its_sft_weight_and_gains_to_the_run(model_ws):
     assert sft.value == GRPOConfig().sft_weight  # the form shows the method's default
     sft.set_value(0.8)
     at.text_input(key="tune_gains").set_value("dcg")
+    demote = at.checkbox(key="tune_demote")
+    assert demote.value is GRPOConfig().demote_broken
+    demote.check()
     at.number_input(key="tune_epochs").set_value(1)
     click(at, "start_tuning")
     row = finished_run(model_ws, "tune")
@@ -550,6 +553,8 @@ def test_grpo_form_passes_its_sft_weight_and_gains_to_the_run(model_ws):
         metrics = runs.run_metrics(con, int(row["id"]))
     assert version["method"] == "grpo"
     assert (version["config"]["sft_weight"], version["config"]["gains"]) == (0.8, "dcg")
+    assert version["config"]["demote_broken"] is True
+    assert "data/demoted_groups" in version["config"]["final_metrics"]
     assert "nll_loss" in metrics.columns
 
 
@@ -572,7 +577,11 @@ def test_dpo_form_trains_a_version_with_metrics(model_ws):
         metrics = runs.run_metrics(con, int(row["id"]))
     assert version["config"]["epochs"] == 2 and version["config"]["lora"]["r"] == 4
     assert {"loss", "rewards/accuracies"} <= set(metrics.columns)
-    assert len(metrics) == 4  # 4 groups / 2 per step x 2 epochs
+    # 4 groups / 2 per step, for every epoch run (also those of a restart at a lower rate, when
+    # the per-epoch guard finds the tiny model's epoch out of budget)
+    training = version["config"]["training"]
+    epochs = training["epochs_run"] + sum(b["epochs_run"] for b in training["backoffs"])
+    assert len(metrics) == 2 * epochs and epochs >= 2, training
 
     at.run()
     assert not at.exception
@@ -590,7 +599,7 @@ def test_dpo_form_trains_a_version_with_metrics(model_ws):
         assert list(data["step"]) == list(metrics.index)
         assert list(data[name]) == pytest.approx(list(metrics[name]))
     guard = pa.ipc.open_stream(charts[2].proto.datasets[0].data.data).read_all().to_pandas()
-    assert len(guard) == 2  # one point per epoch
+    assert len(guard) == epochs  # one point per epoch run
     assert "**loss**" in element_values(at, "markdown")
     assert "**rewards/accuracies**" in element_values(at, "markdown")
     assert at.selectbox(key="version_pick").value == "v1"
