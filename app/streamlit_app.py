@@ -61,7 +61,7 @@ METHODS = {  # label -> (method, DPO or reward-model loss; None = DPO listwise P
 TUNE_FIELDS = (
     "tune_beta", "tune_margin", "tune_epochs", "tune_lr", "tune_groups_per_step", "tune_lora_r",
     "tune_lora_alpha", "tune_kl_budget", "tune_center", "tune_sft", "tune_gains",
-    "tune_target_kl", "tune_reward", "tune_online_k", "tune_audit",
+    "tune_target_kl", "tune_reward", "tune_online_k", "tune_audit", "tune_demote",
 )  # fmt: skip
 REFRESH_S = 3.0
 DTYPE_LABEL = "Precision of the base weights (dtype)"
