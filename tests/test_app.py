@@ -544,7 +544,7 @@ def test_grpo_form_passes_its_sft_weight_and_gains_to_the_run(model_ws):
     at.text_input(key="tune_gains").set_value("dcg")
     demote = at.checkbox(key="tune_demote")
     assert demote.value is GRPOConfig().demote_broken
-    demote.check()
+    demote.set_value(not GRPOConfig().demote_broken)
     at.number_input(key="tune_epochs").set_value(1)
     click(at, "start_tuning")
     row = finished_run(model_ws, "tune")
@@ -553,8 +553,9 @@ def test_grpo_form_passes_its_sft_weight_and_gains_to_the_run(model_ws):
         metrics = runs.run_metrics(con, int(row["id"]))
     assert version["method"] == "grpo"
     assert (version["config"]["sft_weight"], version["config"]["gains"]) == (0.8, "dcg")
-    assert version["config"]["demote_broken"] is True
-    assert "data/demoted_groups" in version["config"]["final_metrics"]
+    demoted = not GRPOConfig().demote_broken  # the form's choice, not the default
+    assert version["config"]["demote_broken"] is demoted
+    assert ("data/demoted_groups" in version["config"]["final_metrics"]) is demoted
     assert "nll_loss" in metrics.columns
 
 
