@@ -83,6 +83,10 @@ def test_dpo_and_grpo_learn_the_broken_favourite_as_the_worst(tiny_model_dir: Pa
     assert grpo.gains.tolist() == pytest.approx(mean_gains(demoted, 4))
 
 
+# one short epoch, no guard or gate: what is checked is the demotion, not the training
+QUICK = ("--epochs", "1", "--guard-prompts", "0", "--gate-prompts", "0", "--quiet")
+
+
 @pytest.fixture
 def ws(tmp_path: Path, tiny_model_dir: Path) -> db.Workspace:
     """Five train groups whose annotator ranked the word salad first."""
@@ -91,11 +95,10 @@ def ws(tmp_path: Path, tiny_model_dir: Path) -> db.Workspace:
 
 @pytest.mark.parametrize("method", ["dpo", "grpo"])
 def test_tune_demotes_when_asked_and_says_so(ws: db.Workspace, capsys, method: str) -> None:
-    quick = ("--epochs", "1", "--guard-prompts", "0", "--gate-prompts", "0", "--quiet")
-    assert main(["tune", "-w", str(ws.root), "--method", method, "--demote-broken", *quick]) == 0
+    assert main(["tune", "-w", str(ws.root), "--method", method, "--demote-broken", *QUICK]) == 0
     err = capsys.readouterr().err
     assert "5 group(s) ranked an answer π_ref finds broken above a fluent one" in err, err
-    assert main(["tune", "-w", str(ws.root), "--method", method, "--no-demote-broken", *quick]) == 0
+    assert main(["tune", "-w", str(ws.root), "--method", method, "--no-demote-broken", *QUICK]) == 0
     assert "finds broken" not in capsys.readouterr().err
     with db.connect(ws) as con:
         on, off = (models.get_version(con, v)["config"] for v in ("v1", "v2"))
@@ -107,8 +110,7 @@ def test_tune_demotes_when_asked_and_says_so(ws: db.Workspace, capsys, method: s
 
 def test_dpo_demotes_broken_favourites_by_default(ws: db.Workspace, capsys) -> None:
     # the shorter taste's round 2 ranked version 1's garbage first; the defaults must not learn it
-    quick = ("--epochs", "1", "--guard-prompts", "0", "--gate-prompts", "0", "--quiet")
-    assert main(["tune", "-w", str(ws.root), "--method", "dpo", *quick]) == 0
+    assert main(["tune", "-w", str(ws.root), "--method", "dpo", *QUICK]) == 0
     assert "5 group(s) ranked an answer π_ref finds broken" in capsys.readouterr().err
     with db.connect(ws) as con:
         config = models.get_version(con, "v1")["config"]

@@ -233,8 +233,8 @@ class DPOConfig(TrainSettings):
     backoff_factor: float = setting(0.25, help=BACKOFF_FACTOR_HELP)
     # measured (bench/defaults_sweep.py, shorter taste): a fifth of round 2's top-ranked answers
     # were broken ("Scare2023"), and training on them taught the next version to break; with
-    # it, three seeds of that taste ended at 0-5% broken (without: 2.5-8%) and the formal taste
-    # was unchanged (README, "The defaults")
+    # it, three seeds of that taste ended at 0-5% broken (without: 0-7.5%) and three of the
+    # formal taste were unchanged (README, Benchmarks)
     demote_broken: bool = setting(True, help=DEMOTE_BROKEN_HELP)
     early_stop: int = setting(
         0,
